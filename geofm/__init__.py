@@ -1,0 +1,1 @@
+"""geofm-pipeline: glue between Snakemake, TerraTorch, DVC and S3."""

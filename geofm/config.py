@@ -1,0 +1,222 @@
+"""Load, validate and resolve an experiment config.
+
+Every problem is reported as one line naming the key and the fix (ConfigError), before any
+job is planned. Used by the Snakefile, the CI validate stage and the COS watcher.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from geofm import registry
+from geofm.tasks import TASKS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+OVERRIDE_PATHS = {
+    "max_epochs": "trainer.max_epochs",
+    "batch_size": "data.init_args.batch_size",
+    "lr": "optimizer.init_args.lr",
+    "weight_decay": "optimizer.init_args.weight_decay",
+    "freeze_backbone": "model.init_args.freeze_backbone",
+    "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line: '<key>: <problem>; fix: <what to do>'."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    model: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}/{self.model}/seed{self.seed}"
+
+    @property
+    def err_name(self) -> str:
+        return f"{self.task}_{self.model}_seed{self.seed}"
+
+
+def _defaulting_validator():
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _error_line(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        allowed = sorted(error.schema.get("properties", {}))
+        hint = f"allowed keys: {', '.join(allowed)}" if allowed else "remove it"
+        return f"{key}: unknown key {', '.join(repr(e) for e in extra)}; fix: {hint}"
+    if error.validator == "required":
+        return f"{key}: {error.message}; fix: add it (see config/schema.yaml)"
+    description = error.schema.get("description", "").strip().split(". ")[0]
+    fix = f"expected {description}" if description else "see config/schema.yaml"
+    return f"{key}: {error.message}; fix: {fix}"
+
+
+def validate_schema(raw: dict) -> dict:
+    """Validate against config/schema.yaml and fill in defaults (returns a new dict)."""
+    config = copy.deepcopy(raw) if raw else {}
+    validator = _defaulting_validator()(_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_error_line(best))
+    # Defaults were filled in while validating; a second pass validates the filled-in values.
+    validator.validate(config)
+    return config
+
+
+def _check_name(key: str, value: str) -> None:
+    if not SAFE_NAME.match(value) or value in (".", ".."):
+        raise ConfigError(
+            f"{key}: {value!r} is not a safe folder name; fix: use 1-64 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+
+
+def resolve(raw: dict, root: Path | str = ".", check_data: bool = True) -> dict:
+    """Validate a config and resolve paths and defaults; raise ConfigError on the first problem."""
+    root = Path(root)
+    config = validate_schema(raw)
+    _check_name("experiment", config["experiment"])
+    for name in config["models"]:
+        _check_name(f"models.{name}", name)
+    enabled = [t for t in TASKS if config["tasks"][t]["enabled"]]
+    if not enabled:
+        raise ConfigError("tasks: every task is disabled; fix: set enabled: true for at least one")
+    sample_root = config["sample_data"]["root"]
+    for task in TASKS:
+        settings = config["tasks"][task]
+        settings["sample"] = settings["data_root"] in (None, f"{sample_root}/{task}")
+        if settings["data_root"] is None:
+            settings["data_root"] = f"{sample_root}/{task}"
+        if settings["recipe"] is None:  # the bundled recipe, wherever the run directory is
+            settings["recipe"] = str(REPO_ROOT / "config" / "tasks" / f"{task}.yaml")
+        if settings["enabled"]:
+            recipe = root / settings["recipe"]
+            if not recipe.is_file():
+                raise ConfigError(
+                    f"tasks.{task}.recipe: {settings['recipe']} does not exist; fix: point it at "
+                    "a TerraTorch config or remove the key to use the default recipe"
+                )
+            if check_data and not settings["sample"]:
+                problem = TASKS[task].check_layout(root / settings["data_root"])
+                if problem:
+                    raise ConfigError(f"tasks.{task}.data_root: {problem}")
+    known = registry.snapshot(root / config["cache_dir"])
+    for name, model in config["models"].items():
+        key = f"models.{name}"
+        if not registry.is_backbone(known, model["backbone"]):
+            close = registry.suggest(known, model["backbone"])
+            raise ConfigError(
+                f"{key}.backbone: {model['backbone']!r} is not in TerraTorch's backbone registry; "
+                f"fix: use a registered name{' such as ' + ', '.join(close) if close else ''}"
+            )
+        if model["weights"] is not None:
+            if not model["pretrained"]:
+                raise ConfigError(
+                    f"{key}.weights: a weights file is given but pretrained is false; fix: set "
+                    f"{key}.pretrained: true or remove weights"
+                )
+            if not (root / model["weights"]).is_file():
+                raise ConfigError(
+                    f"{key}.weights: file {model['weights']} does not exist; fix: give the path "
+                    "of a local backbone checkpoint (relative to the workflow folder) or use hub_id"
+                )
+        if model["neck_indices"] is None:
+            depth = registry.depth(known, model["backbone"])
+            if depth is None:
+                raise ConfigError(
+                    f"{key}.neck_indices: not set and {model['backbone']} is not a Prithvi "
+                    "backbone with a known depth; fix: list the encoder layers to feed the decoder"
+                )
+            model["neck_indices"] = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
+    config["enabled_tasks"] = enabled
+    return config
+
+
+def load(path: Path | str, root: Path | str = ".", check_data: bool = True) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; fix: pass an existing --configfile") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix: correct the syntax") from None
+    return resolve(raw, root, check_data)
+
+
+def cells(config: dict) -> list[Cell]:
+    return [
+        Cell(task, model, seed)
+        for task in config["enabled_tasks"]
+        for model in config["models"]
+        for seed in config["seeds"]
+    ]
+
+
+def cell_settings(config: dict, task: str, model: str, seed: int) -> dict:
+    """Everything that defines one cell's fine-tune: the render step's parameters.
+
+    Only these values reach a cell's rendered config, so changing another model's or
+    another task's settings leaves this cell untouched.
+    """
+    m = config["models"][model]
+    overrides: dict = {}
+    for layer in (
+        config["tasks"][task]["overrides"],
+        m["overrides"],
+        m["task_overrides"].get(task, {}),
+    ):
+        for key, value in layer.items():
+            if key == "set":
+                overrides.setdefault("set", {}).update(value)
+            else:
+                overrides[key] = value
+    return {
+        "task": task,
+        "model": model,
+        "seed": seed,
+        "backbone": m["backbone"],
+        "pretrained": m["pretrained"],
+        "weights": m["weights"],
+        "hub": bool(m["pretrained"] and m["weights"] is None),
+        "neck_indices": m["neck_indices"],
+        "data_root": config["tasks"][task]["data_root"],
+        "trainer": config["trainer"],
+        "overrides": overrides,
+    }
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

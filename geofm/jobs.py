@@ -1,0 +1,231 @@
+"""The heavy jobs of a cell: preflight, fine-tune and evaluate, all through TerraTorch's CLI.
+
+Each builds TerraTorch's LightningCLI from the cell's rendered config exactly as
+`terratorch fit --config ...` would, and only adds what the CLI lacks: hardware-dependent
+'auto' settings, resource measurement, and a prediction pass whose outputs are saved.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # jobs never download; the fetch_weights rule does
+os.environ.setdefault("LIGHTLY_DID_VERSION_CHECK", "True")  # avoids a DNS lookup at import
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from geofm.metrics import PinnedMetrics  # noqa: E402
+from geofm.resources import Monitor, Throughput  # noqa: E402
+from geofm.tasks import TASKS  # noqa: E402
+
+
+def runtime_settings(trainer: dict, threads: int) -> dict:
+    """Resolve the experiment's 'auto' trainer settings for the hardware this job runs on."""
+    cuda = torch.cuda.is_available() and trainer["accelerator"] != "cpu"
+    precision = trainer["precision"]
+    if precision == "auto":
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if cuda else "32-true"
+    workers = trainer["num_workers"]
+    if workers == "auto":
+        # On a CPU-only job every worker competes with the training threads for the same cores.
+        workers = min(8, threads - 1) if (cuda and threads > 1) else (min(4, threads // 2) if threads > 2 else 0)
+    pin = cuda if trainer["pin_memory"] == "auto" else trainer["pin_memory"]
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": precision,
+        "num_workers": workers,
+        "pin_memory": bool(pin),
+        "persistent_workers": bool(trainer["persistent_workers"] and workers > 0),
+        "prefetch_factor": trainer["prefetch_factor"] if workers > 0 else None,
+        "tf32": bool(trainer["tf32"] and cuda),
+        "torch_threads": threads,
+    }
+
+
+def _tune_loaders(datamodule, rt: dict) -> None:
+    """Apply pin_memory / persistent_workers / prefetch_factor, which not every TerraTorch
+    datamodule exposes, by re-creating its loaders with the same dataset, sampler and collate."""
+    if not (rt["pin_memory"] or rt["num_workers"] > 0):
+        return
+    from torch.utils.data import DataLoader
+
+    def wrap(factory):
+        def make(*args, **kwargs):
+            dl = factory(*args, **kwargs)
+            return DataLoader(
+                dl.dataset,
+                batch_size=dl.batch_size,
+                sampler=dl.sampler,
+                num_workers=rt["num_workers"],
+                collate_fn=dl.collate_fn,
+                drop_last=dl.drop_last,
+                pin_memory=rt["pin_memory"],
+                persistent_workers=rt["persistent_workers"],
+                prefetch_factor=rt["prefetch_factor"],
+            )
+
+        return make
+
+    for stage in ("train", "val", "test", "predict"):
+        name = f"{stage}_dataloader"
+        setattr(datamodule, name, wrap(getattr(datamodule, name)))
+
+
+def build_cli(config: Path, rt: dict, extra: list[str] = ()):
+    from terratorch.cli_tools import build_lightning_cli
+
+    torch.set_num_threads(max(1, rt["torch_threads"]))
+    if rt["tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    args = [
+        "--config", str(config),
+        f"--trainer.precision={rt['precision']}",
+        f"--data.init_args.num_workers={rt['num_workers']}",
+        *extra,
+    ]  # fmt: skip
+    cli = build_lightning_cli(args=args, run=False)
+    _tune_loaders(cli.datamodule, rt)
+    return cli
+
+
+def _param_counts(model: torch.nn.Module) -> dict:
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def _epoch_curves(metrics_csv: Path, out: Path) -> None:
+    """One row per epoch from Lightning's CSVLogger file (last value of each column)."""
+    rows: dict[int, dict] = {}
+    columns: list[str] = []
+    if metrics_csv.is_file():
+        with open(metrics_csv) as f:
+            for row in csv.DictReader(f):
+                if not row.get("epoch"):
+                    continue
+                merged = rows.setdefault(int(float(row["epoch"])), {})
+                for key, value in row.items():
+                    if value not in ("", None) and key not in ("step",) and not key.endswith("_step"):
+                        merged[key.removesuffix("_epoch")] = value
+                        if key.removesuffix("_epoch") not in columns:
+                            columns.append(key.removesuffix("_epoch"))
+    columns = ["epoch"] + sorted(c for c in columns if c != "epoch")
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for epoch in sorted(rows):
+            writer.writerow({**rows[epoch], "epoch": epoch})
+
+
+def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict) -> None:
+    """Fit; keep the checkpoint picked on the selection split; write curves and resources."""
+    for stale in ("checkpoints", "logs"):
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    rt = runtime_settings(trainer, threads)
+    with Monitor() as monitor:
+        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.resources.Throughput"])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    callback = cli.trainer.checkpoint_callback
+    if not callback or not callback.best_model_path:
+        raise RuntimeError("no checkpoint was saved: the recipe needs a ModelCheckpoint callback with a monitor")
+    shutil.copyfile(callback.best_model_path, out["checkpoint"])
+    throughput = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput))
+    _epoch_curves(run_dir / "logs" / "metrics.csv", Path(out["curves"]))
+    Path(out["effective_config"]).write_text(cli.parser.dump(cli.config, skip_none=False))
+    report = monitor.report(
+        **_param_counts(cli.model),
+        runtime=rt,
+        epochs=cli.trainer.current_epoch,
+        train_samples=throughput.samples,
+        train_samples_per_s=throughput.per_second,
+        selection={
+            "monitor": callback.monitor,
+            "mode": callback.mode,
+            "best_score": float(callback.best_model_score) if callback.best_model_score is not None else None,
+            "best_checkpoint": Path(callback.best_model_path).name,
+        },
+    )
+    Path(out["resources"]).write_text(json.dumps(report, indent=2))
+
+
+def _predict(cli, task: str, max_batches: int | None = None):
+    """Inference over the test loader with the datamodule's normalisation applied.
+
+    TerraTorch's `predict` writer cannot handle the crop and landslide datamodules (their
+    samples carry no file name), so predictions are collected here.
+    """
+    trainer, dm, model = cli.trainer, cli.datamodule, cli.model
+    dm.setup("test")
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+    spec = TASKS[task]
+    metrics = PinnedMetrics(task)
+    preds, targets = [], []
+    trainer.testing = True  # the datamodule picks its test-time augmentation from the trainer state
+    try:
+        with torch.inference_mode(), trainer.precision_plugin.forward_context():
+            for i, batch in enumerate(dm.test_dataloader()):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = dm.on_after_batch_transfer(batch, 0)
+                output = model(batch["image"]).output
+                if spec.kind == "segmentation":
+                    pred = output.argmax(1).to(torch.int8)
+                else:
+                    pred = output.squeeze(1).float()
+                target = batch["mask"]
+                target = target.squeeze(1) if target.ndim == 4 else target
+                metrics.update(pred, target)
+                preds.append(pred.cpu().numpy())
+                targets.append(target.cpu().numpy().astype(np.int8 if spec.kind == "segmentation" else np.float32))
+    finally:
+        trainer.testing = False
+    files = [str(f) for f in getattr(dm.test_dataset, "image_files", [])]
+    return metrics.compute(), np.concatenate(preds), np.concatenate(targets), files
+
+
+def evaluate(config: Path, checkpoint: Path, task: str, trainer: dict, threads: int, out: dict) -> None:
+    """Test the selected checkpoint; write every logged metric, the pinned ones and predictions."""
+    rt = runtime_settings(trainer, threads)
+    with Monitor() as monitor:
+        cli = build_cli(config, rt)
+        logged = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint))
+        pinned, preds, targets, files = _predict(cli, task)
+    np.savez_compressed(out["predictions"], pred=preds, target=targets, files=np.array(files))
+    metrics = {
+        "pinned": pinned,
+        "terratorch": {k: float(v) for k, v in (logged[0] if logged else {}).items()},
+        "test_chips": int(len(preds)),
+    }
+    Path(out["metrics"]).write_text(json.dumps(metrics, indent=2))
+    report = monitor.report(**_param_counts(cli.model), runtime=rt, test_samples=int(len(preds)))
+    Path(out["resources"]).write_text(json.dumps(report, indent=2))
+
+
+def preflight(config: Path, run_dir: Path, task: str, trainer: dict, threads: int, out: Path) -> None:
+    """One batch each of training, validation, test and prediction (Lightning's fast_dev_run)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    rt = runtime_settings(trainer, threads)
+    with Monitor() as monitor:
+        cli = build_cli(config, rt, ["--trainer.fast_dev_run=1", f"--trainer.default_root_dir={run_dir}"])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)
+        pinned, preds, _, _ = _predict(cli, task, max_batches=1)
+    if not len(preds):
+        raise RuntimeError("the test split yielded no batch")
+    report = monitor.report(runtime=rt, stages=["fit", "validate", "test", "predict"], predicted=int(len(preds)))
+    out.write_text(json.dumps(report, indent=2))
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())

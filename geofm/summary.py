@@ -1,0 +1,132 @@
+"""out/summary.csv and out/summary.json: one row per cell with status, metrics and resources.
+
+Written by the `summary` rule when every cell finished, and by the workflow's onerror
+handler when some failed, so the failed cells are marked either way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from geofm.config import Cell
+from geofm.metrics import DEFINITIONS
+from geofm.tasks import TASKS
+
+KEY_METRICS = {
+    "crop": ["mIoU", "mAcc", "pixel_accuracy"],
+    "landslide": ["landslide_IoU", "landslide_F1", "mIoU"],
+    "biomass": ["RMSE", "MAE", "R2"],
+}
+COLUMNS = [
+    "task", "model", "seed", "status", "headline_metric", "headline", "baseline", "beats_baseline",
+    "metric_1", "value_1", "metric_2", "value_2", "metric_3", "value_3",
+    "test_split", "selection_split", "best_selection_score", "epochs",
+    "finetune_wall_s", "evaluate_wall_s", "cpu_hours", "gpu_hours", "peak_rss_mb", "peak_gpu_memory_mb",
+    "gpu_utilisation_pct", "energy_j", "parameters", "train_samples_per_s", "device", "error", "err_file",
+]  # fmt: skip
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _beats(task: str, value, baseline) -> bool | None:
+    if value is None or baseline is None:
+        return None
+    return value > baseline if TASKS[task].higher_is_better else value < baseline
+
+
+def cell_row(out_dir: Path, err_dir: Path, cell: Cell) -> dict:
+    spec = TASKS[cell.task]
+    folder = out_dir / cell.task / cell.model / f"seed{cell.seed}"
+    metrics = _load(folder / "metrics.json")
+    finetune = _load(folder / "finetune.json") or {}
+    evaluate = _load(folder / "evaluate.json") or {}
+    baseline = _load(out_dir / "baselines" / f"{cell.task}.json")
+    errs = [err_dir / f"{cell.err_name}.err", err_dir / f"{cell.task}_{cell.model}_preflight.err"]
+    err = next((e for e in errs if e.is_file()), None)
+    if err is not None:
+        status = "failed"
+    elif metrics is not None:
+        status = "ok"
+    else:
+        status = "not run"
+    pinned = (metrics or {}).get("pinned", {})
+    headline = pinned.get(spec.headline)
+    base = (baseline or {}).get("pinned", {}).get(spec.headline)
+    gpu = finetune.get("gpu") or {}
+    row = {
+        "task": cell.task,
+        "model": cell.model,
+        "seed": cell.seed,
+        "status": status,
+        "headline_metric": spec.headline,
+        "headline": headline,
+        "baseline": base,
+        "beats_baseline": _beats(cell.task, headline, base),
+        "test_split": spec.test_split,
+        "selection_split": spec.selection_split,
+        "best_selection_score": (finetune.get("selection") or {}).get("best_score"),
+        "epochs": finetune.get("epochs"),
+        "finetune_wall_s": finetune.get("wall_s"),
+        "evaluate_wall_s": evaluate.get("wall_s"),
+        "cpu_hours": _sum(finetune.get("cpu_hours"), evaluate.get("cpu_hours")),
+        "gpu_hours": _sum(gpu.get("gpu_hours"), (evaluate.get("gpu") or {}).get("gpu_hours")),
+        "peak_rss_mb": _max(finetune.get("peak_rss_mb"), evaluate.get("peak_rss_mb")),
+        "peak_gpu_memory_mb": gpu.get("peak_memory_mb"),
+        "gpu_utilisation_pct": gpu.get("mean_utilisation_pct"),
+        "energy_j": _sum(gpu.get("energy_j"), (evaluate.get("gpu") or {}).get("energy_j")),
+        "parameters": finetune.get("parameters"),
+        "train_samples_per_s": finetune.get("train_samples_per_s"),
+        "device": (finetune.get("runtime") or {}).get("device"),
+        "error": _cause(err) if err else None,
+        "err_file": str(err) if err else None,
+    }
+    for i, name in enumerate(KEY_METRICS[cell.task], start=1):
+        row[f"metric_{i}"], row[f"value_{i}"] = name, pinned.get(name)
+    row["metrics"] = pinned
+    return row
+
+
+def _sum(*values):
+    present = [v for v in values if v is not None]
+    return round(sum(present), 6) if present else None
+
+
+def _max(*values):
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _cause(err: Path) -> str:
+    for line in err.read_text(errors="replace").splitlines():
+        if line.startswith("cause: "):
+            return line[len("cause: ") :][:300]
+    return "see error file"
+
+
+def write(
+    out_dir: Path, err_dir: Path, cells: list[Cell], experiment: dict, csv_path: Path, json_path: Path
+) -> list[dict]:
+    rows = [cell_row(Path(out_dir), Path(err_dir), c) for c in cells]
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    document = {
+        "experiment": experiment["experiment"],
+        "description": experiment.get("description", ""),
+        "cells": len(rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "not_run": sum(r["status"] == "not run" for r in rows),
+        "definitions": {t: DEFINITIONS[t] for t in sorted({c.task for c in cells})},
+        "rows": rows,
+    }
+    json_path.write_text(json.dumps(document, indent=2))
+    return rows

@@ -1,0 +1,12 @@
+"""Rule finetune: fit one cell with TerraTorch and keep the selected checkpoint."""
+
+from pathlib import Path
+
+from geofm import errors
+
+sm = snakemake  # noqa: F821 (provided by Snakemake)
+with errors.captured(sm.log[0], sm.params.err, stage="finetune", cell=sm.params.cell):
+    from geofm import jobs
+
+    outputs = {name: sm.output[name] for name in ("checkpoint", "curves", "resources", "effective_config")}
+    jobs.finetune(Path(sm.input.config), Path(sm.params.run_dir), sm.params.trainer, sm.threads, outputs)

@@ -1,0 +1,18 @@
+"""Rule preflight: one batch of each stage for a task x model, before the long fine-tunes."""
+
+from pathlib import Path
+
+from geofm import errors
+
+sm = snakemake  # noqa: F821 (provided by Snakemake)
+with errors.captured(sm.log[0], sm.params.err, stage="preflight", cell=sm.params.cell):
+    from geofm import jobs
+
+    jobs.preflight(
+        Path(sm.input.config),
+        Path(sm.params.run_dir),
+        sm.params.task,
+        sm.params.trainer,
+        sm.threads,
+        Path(sm.output[0]),
+    )

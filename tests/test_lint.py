@@ -1,0 +1,43 @@
+"""Style and Snakemake best-practice checks: snakemake --lint, snakefmt, ruff, schema."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+from conftest import REPO, SNAKEMAKE, VENV_BIN
+
+
+def _run(*cmd, **kw):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def test_snakemake_lint_clean():
+    result = _run(SNAKEMAKE, "--lint", "--configfile", str(REPO / "config" / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snakefmt_clean():
+    result = _run(str(VENV_BIN / "snakefmt"), "--check", "Snakefile", "rules/")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_clean():
+    check = _run(str(VENV_BIN / "ruff"), "check", ".")
+    fmt = _run(str(VENV_BIN / "ruff"), "format", "--check", ".")
+    assert check.returncode == 0, check.stdout
+    assert fmt.returncode == 0, fmt.stdout
+
+
+def test_every_config_key_has_a_description_and_a_default():
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+
+    def walk(node, path, need_default):
+        for key, sub in node.get("properties", {}).items():
+            sub = {**schema["$defs"].get(sub.get("$ref", "#/$defs/").split("/")[-1], {}), **sub}
+            assert sub.get("description"), f"{path}{key} has no description"
+            if need_default:
+                assert "default" in sub, f"{path}{key} has no default"
+            walk(sub, f"{path}{key}.", need_default and key not in ("overrides",))
+
+    walk(schema, "", True)
