@@ -127,3 +127,47 @@ def plot_predictions(
         plot_chip(task, Path(files[i]), data["target"][i], data["pred"][i], title, out, dpi)
         written.append(out)
     return written
+
+
+def plot_curves(task: str, curves: list[tuple[str, int, Path]], out: Path, dpi: int) -> None:
+    """Training and validation loss and the checkpoint-selection metric per epoch, for every
+    model (colour) and seed (line style) of a task, from TerraTorch's logged metrics."""
+    import csv
+
+    spec = TASKS[task]
+    selection = "val/mIoU" if spec.kind == "segmentation" else "val/RMSE"
+    panels = [
+        ("train/loss", "training loss"),
+        ("val/loss", "validation loss"),
+        (selection, f"{selection} (selects the checkpoint)"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    models = sorted({m for m, _, _ in curves})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+    styles = ["-", "--", ":", "-."]
+    for model, seed, path in curves:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        for ax, (key, _) in zip(axes, panels):
+            points = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(
+                    xs,
+                    ys,
+                    styles[seed % len(styles)],
+                    color=colours[model],
+                    marker="o",
+                    ms=3,
+                    label=f"{model} seed {seed}",
+                )
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{spec.title}: learning curves", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)

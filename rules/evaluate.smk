@@ -37,7 +37,14 @@ rule plot_predictions:
         predictions=f"{SCRATCH}/{CELL}/predictions.npz",
         data=task_data,
     output:
-        directory(f"{PRED}/{CELL}"),
+        report(
+            directory(f"{PRED}/{CELL}"),
+            patterns=["{chip}.png"],
+            category="5. Predictions",
+            subcategory="{task}",
+            labels={"model": "{model}", "seed": "{seed}", "chip": "{chip}"},
+            caption="../report/predictions.rst",
+        ),
     log:
         f"{LOGS}/plot_predictions/{CELL_NAME}.log",
     conda:

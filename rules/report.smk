@@ -1,4 +1,4 @@
-# Experiment-level outputs: the summary table (more in later rules).
+# Experiment-level outputs: summary, statistics across seeds, cost, provenance, report pieces.
 
 
 localrules:
@@ -9,6 +9,11 @@ localrules:
     render_config,
     plot_predictions,
     summary,
+    aggregate,
+    cost_ledger,
+    learning_curves,
+    dataset_manifest,
+    manifest,
 
 
 rule summary:
@@ -18,7 +23,7 @@ rule summary:
         finetune=cell_files(f"{OUT}/{CELL}/finetune.json"),
         baselines=expand(f"{OUT}/baselines/{{task}}.json", task=EXP["enabled_tasks"]),
     output:
-        csv=f"{OUT}/summary.csv",
+        csv=report(f"{OUT}/summary.csv", category="1. Results", subcategory="Per cell", caption="../report/summary.rst"),
         json=f"{OUT}/summary.json",
     log:
         f"{LOGS}/summary.log",
@@ -30,6 +35,111 @@ rule summary:
         err_dir=ERR,
     script:
         "../scripts/summary.py"
+
+
+rule aggregate:
+    """Mean, standard deviation and bootstrap interval across seeds; ranking across tasks."""
+    input:
+        metrics=cell_files(f"{OUT}/{CELL}/metrics.json"),
+    output:
+        csv=report(
+            f"{OUT}/aggregate.csv",
+            category="1. Results",
+            subcategory="Across seeds",
+            caption="../report/aggregate.rst",
+        ),
+        json=f"{OUT}/aggregate.json",
+        md=f"{OUT}/aggregate.md",
+        ranking=report(
+            f"{OUT}/ranking.csv", category="1. Results", subcategory="Ranking", caption="../report/ranking.rst"
+        ),
+        ranking_md=f"{OUT}/ranking.md",
+        per_class=report(
+            f"{OUT}/per_class.csv", category="1. Results", subcategory="Per class", caption="../report/per_class.rst"
+        ),
+    log:
+        f"{LOGS}/aggregate.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        cells=[[c.task, c.model, c.seed] for c in CELLS],
+        bootstrap=EXP["bootstrap"],
+        references={m: spec["reference"] for m, spec in EXP["models"].items()},
+    script:
+        "../scripts/aggregate.py"
+
+
+rule cost_ledger:
+    """Time, device-hours, memory and energy per cell and in total."""
+    input:
+        f"{OUT}/summary.json",
+    output:
+        csv=report(f"{OUT}/cost.csv", category="3. Cost", caption="../report/cost.rst"),
+        md=f"{OUT}/cost.md",
+    log:
+        f"{LOGS}/cost_ledger.log",
+    conda:
+        "../envs/geofm.yaml"
+    script:
+        "../scripts/cost_ledger.py"
+
+
+rule learning_curves:
+    """Training and validation curves of every model and seed of a task."""
+    input:
+        lambda w: [f"{OUT}/{c.task}/{c.model}/seed{c.seed}/curves.csv" for c in CELLS if c.task == w.task],
+    output:
+        report(
+            f"{OUT}/curves/{{task}}.png",
+            category="2. Learning curves",
+            subcategory="{task}",
+            labels={"task": "{task}"},
+            caption="../report/curves.rst",
+        ),
+    log:
+        f"{LOGS}/learning_curves/{{task}}.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        cells=lambda w: [[c.model, c.seed] for c in CELLS if c.task == w.task],
+        dpi=EXP["predictions"]["dpi"],
+    script:
+        "../scripts/learning_curves.py"
+
+
+rule dataset_manifest:
+    """Every file of a dataset with its size and content hash, per split."""
+    input:
+        task_data,
+    output:
+        f"{OUT}/datasets/{{task}}.json",
+    log:
+        f"{LOGS}/dataset_manifest/{{task}}.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        data_root=lambda w: EXP["tasks"][w.task]["data_root"],
+        fingerprint=dataset_fingerprint,
+    script:
+        "../scripts/dataset_manifest.py"
+
+
+rule manifest:
+    """Provenance of the experiment: code, config, data, weights, packages, hardware, jobs."""
+    input:
+        datasets=expand(f"{OUT}/datasets/{{task}}.json", task=EXP["enabled_tasks"]),
+        configs=cell_files(f"{OUT}/{CELL}/config.yaml"),
+        resources=cell_files(f"{OUT}/{CELL}/finetune.json") + cell_files(f"{OUT}/{CELL}/evaluate.json"),
+    output:
+        report(f"{OUT}/manifest.json", category="4. Provenance", caption="../report/manifest.rst"),
+    log:
+        f"{LOGS}/manifest.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        provenance=provenance(),
+    script:
+        "../scripts/manifest.py"
 
 
 onerror:

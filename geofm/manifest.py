@@ -1,0 +1,121 @@
+"""Provenance: dataset manifests (every file's size and content hash, per split) and the
+experiment manifest (code commit, config hash, rendered configs, packages, data, weights,
+hardware, scheduler job ids, seeds).
+
+Manifests hold no timestamps: the same code, config and data give the same bytes, and
+any changed data file changes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from geofm.tasks import TASKS
+
+PACKAGES = [
+    "terratorch", "torch", "torchvision", "lightning", "torchgeo", "torchmetrics", "timm",
+    "snakemake", "snakemake-executor-plugin-slurm", "snakemake-executor-plugin-lsf", "dvc", "numpy", "rasterio", "h5py",
+]  # fmt: skip
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(root: Path) -> str:
+    """Cheap change detector (names, sizes, modification times) that decides when the dataset
+    manifest, which reads every byte, must be recomputed."""
+    entries = []
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return sha256_json(entries)
+
+
+def dataset_manifest(task: str, root: Path) -> dict:
+    root = Path(root)
+    splits = {}
+    for split, files in TASKS[task].split_files(root).items():
+        entries = [
+            {"path": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files
+        ]
+        splits[split] = {
+            "files": len(entries),
+            "bytes": sum(e["bytes"] for e in entries),
+            "sha256": sha256_json(entries),
+            "entries": entries,
+        }
+    return {"task": task, "sha256": sha256_json({s: v["sha256"] for s, v in splits.items()}), "splits": splits}
+
+
+def code_version(folder: Path) -> dict:
+    """The workflow's git commit and whether its tracked files differ from it."""
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=False)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if commit else None}
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def experiment_manifest(
+    *,
+    code: dict,
+    config_hash: str,
+    seeds: list[int],
+    packages: dict,
+    datasets: list[Path],
+    configs: list[Path],
+    resources: list[Path],
+    weights: dict[str, str | None],
+) -> dict:
+    hardware, jobs = set(), []
+    for path in resources:
+        report = json.loads(Path(path).read_text())
+        gpu = report.get("gpu") or {}
+        hardware.add((report.get("cpu_model"), gpu.get("name"), gpu.get("driver")))
+        if report.get("scheduler_job_id"):
+            jobs.append({"output": str(path), "job_id": report["scheduler_job_id"], "host": report.get("host")})
+    data = {}
+    for path in datasets:
+        m = json.loads(Path(path).read_text())
+        data[m["task"]] = {
+            "sha256": m["sha256"],
+            **{s: {k: v[k] for k in ("files", "bytes", "sha256")} for s, v in m["splits"].items()},
+        }
+    return {
+        "code": code,
+        "config_sha256": config_hash,
+        "seeds": seeds,
+        "packages": packages,
+        "datasets": data,
+        "rendered_configs": {str(p): sha256_file(Path(p)) for p in sorted(configs, key=str)},
+        "weights": {model: (sha256_file(Path(w)) if w else None) for model, w in sorted(weights.items())},
+        "hardware": [{"cpu": c, "gpu": g, "driver": d} for c, g, d in sorted(hardware, key=str)],
+        "scheduler_jobs": sorted(jobs, key=lambda j: j["output"]),
+    }
