@@ -141,11 +141,13 @@ def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict
     _epoch_curves(run_dir / "logs" / "metrics.csv", Path(out["curves"]))
     Path(out["effective_config"]).write_text(cli.parser.dump(cli.config, skip_none=False))
     report = monitor.report(
+        window=throughput.steady_window(),
         **_param_counts(cli.model),
         runtime=rt,
         epochs=cli.trainer.current_epoch,
         train_samples=throughput.samples,
         train_samples_per_s=throughput.per_second,
+        steady_train_samples_per_s=throughput.steady_per_second,
         selection={
             "monitor": callback.monitor,
             "mode": callback.mode,

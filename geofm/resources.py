@@ -12,12 +12,19 @@ import lightning.pytorch as pl
 
 
 class Throughput(pl.Callback):
-    """Training samples per second, counted over the training batches only (no validation)."""
+    """Training samples per second, counted over the training batches only (no validation).
+
+    It also keeps each training batch's end time, so that the steady state (after the first
+    10% of batches: warm-up, autotuning, worker start) can be measured on its own.
+    """
+
+    WARMUP = 0.1
 
     def __init__(self) -> None:
         self.samples = 0
         self.seconds = 0.0
         self._t0 = 0.0
+        self.batch_ends: list[tuple[float, int]] = []  # (time, samples in the batch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
@@ -25,6 +32,7 @@ class Throughput(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         image = batch["image"] if isinstance(batch, dict) else batch[0]
         self.samples += len(image)
+        self.batch_ends.append((time.perf_counter(), len(image)))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds += time.perf_counter() - self._t0
@@ -33,6 +41,23 @@ class Throughput(pl.Callback):
     def per_second(self) -> float | None:
         return round(self.samples / self.seconds, 3) if self.seconds > 0 else None
 
+    def steady_window(self) -> tuple[float, float] | None:
+        skip = max(1, int(len(self.batch_ends) * self.WARMUP))
+        if len(self.batch_ends) - skip < 2:
+            return None
+        return self.batch_ends[skip][0], self.batch_ends[-1][0]
+
+    @property
+    def steady_per_second(self) -> float | None:
+        """Samples per second between the end of warm-up and the last batch (includes any
+        validation in between, so it is a lower bound of the pure training rate)."""
+        window = self.steady_window()
+        if window is None:
+            return None
+        skip = max(1, int(len(self.batch_ends) * self.WARMUP))
+        samples = sum(n for _, n in self.batch_ends[skip + 1 :])
+        return round(samples / (window[1] - window[0]), 3)
+
 
 class _GpuSampler(threading.Thread):
     """Samples GPU utilisation and memory every `interval` seconds while the job runs."""
@@ -40,7 +65,7 @@ class _GpuSampler(threading.Thread):
     def __init__(self, handle, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.handle, self.interval = handle, interval
-        self.util: list[int] = []
+        self.util: list[tuple[float, int]] = []  # (time, percent)
         self.peak_used = 0
         self._stop = threading.Event()
 
@@ -49,7 +74,7 @@ class _GpuSampler(threading.Thread):
 
         while not self._stop.wait(self.interval):
             try:
-                self.util.append(pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+                self.util.append((time.perf_counter(), pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
                 used = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
                 self.peak_used = max(self.peak_used, used)
             except pynvml.NVMLError:
@@ -105,7 +130,9 @@ class Monitor:
         if self.gpu:
             self.gpu.stop()
 
-    def report(self, **extra) -> dict:
+    def report(self, window: tuple[float, float] | None = None, **extra) -> dict:
+        """Figures of the whole job; with `window` (perf_counter start, end) also the GPU
+        utilisation within it (the training steady state)."""
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         out = {
@@ -121,21 +148,24 @@ class Monitor:
             "gpu": None,
         }
         if self.handle is not None:
-            out["gpu"] = self._gpu_report()
+            out["gpu"] = self._gpu_report(window)
         out.update(extra)
         return out
 
-    def _gpu_report(self) -> dict:
+    def _gpu_report(self, window) -> dict:
         import pynvml
         import torch
 
-        util = self.gpu.util if self.gpu else []
+        samples = self.gpu.util if self.gpu else []
+        util = [u for _, u in samples]
+        steady = [u for t, u in samples if window and window[0] <= t <= window[1]]
         report = {
             "name": pynvml.nvmlDeviceGetName(self.handle),
             "driver": pynvml.nvmlSystemGetDriverVersion(),
             "peak_memory_mb": round(self.gpu.peak_used / 2**20, 1) if self.gpu else None,
             "peak_torch_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
             "mean_utilisation_pct": round(sum(util) / len(util), 1) if util else None,
+            "steady_utilisation_pct": round(sum(steady) / len(steady), 1) if steady else None,
             "gpu_hours": round(self.wall / 3600, 6),
             "energy_j": None,
         }

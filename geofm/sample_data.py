@@ -46,14 +46,14 @@ def _smooth_field(rng: np.random.Generator, size: int, scale: int = 32) -> np.nd
 
 
 # ---------------------------------------------------------------- crop (HLS, EPSG:5070)
-def write_crop(root: Path, rng: np.random.Generator) -> None:
+def write_crop(root: Path, rng: np.random.Generator, counts: dict) -> None:
     # One spectral signature per class and time step (reflectance x 10000), shared by all chips.
     signatures = rng.uniform(300, 4200, (13, 3, 6))
     class_weights = np.linspace(3, 0.5, 13)
     class_weights /= class_weights.sum()
     rows = []
     used = set()
-    for split, n in COUNTS["crop"].items():
+    for split, n in counts.items():
         folder = root / f"{split}_chips"
         folder.mkdir(parents=True)
         ids = []
@@ -95,12 +95,12 @@ def write_crop(root: Path, rng: np.random.Generator) -> None:
 
 
 # ---------------------------------------------------------------- landslide (h5, channels last)
-def write_landslide(root: Path, rng: np.random.Generator) -> None:
+def write_landslide(root: Path, rng: np.random.Generator, counts: dict) -> None:
     # Bands are stored divided by a per-band mean, so values sit around 0..2.
     background = np.array([1.0, 0.9, 0.9, 0.8, 1.0, 1.1, 1.2, 1.3, 1.0, 1.0, 0.9, 0.8, 0.4, 1.0])
     landslide = np.array([1.2, 1.4, 1.5, 1.7, 1.3, 1.1, 1.0, 0.8, 1.0, 1.0, 1.5, 1.6, 1.6, 1.0])
     number = 1
-    for split, n in COUNTS["landslide"].items():
+    for split, n in counts.items():
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
         for _ in range(n):
@@ -116,12 +116,12 @@ def write_landslide(root: Path, rng: np.random.Generator) -> None:
 
 
 # ---------------------------------------------------------------- biomass (HLS L30, EPSG:4326)
-def write_biomass(root: Path, rng: np.random.Generator) -> None:
+def write_biomass(root: Path, rng: np.random.Generator, counts: dict) -> None:
     # 11 bands: B01, BLUE, GREEN, RED, NIR, SWIR1, SWIR2, cirrus, TIRS1, TIRS2, Fmask.
     bare = np.array([600, 700, 1000, 1300, 2200, 2800, 2200, 10, 2900, 2800, 64], float)
     forest = np.array([300, 350, 600, 400, 3600, 1800, 900, 10, 2900, 2800, 64], float)
     tiles = ["T10SFF", "T33TUM", "T47PRR"]
-    for split, n in COUNTS["biomass"].items():
+    for split, n in counts.items():
         images, labels = root / f"{split}_images", root / f"{split}_labels"
         images.mkdir(parents=True)
         labels.mkdir(parents=True)
@@ -158,13 +158,14 @@ def write_biomass(root: Path, rng: np.random.Generator) -> None:
 WRITERS = {"crop": write_crop, "landslide": write_landslide, "biomass": write_biomass}
 
 
-def write(task: str, root: Path, seed: int) -> None:
-    """Write one task's sample dataset into root (replaced if it exists)."""
+def write(task: str, root: Path, seed: int, counts: dict | None = None) -> None:
+    """Write one task's sample dataset into root (replaced if it exists); `counts` changes the
+    number of chips per split (benchmarks use more)."""
     root = Path(root)
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     offset = {"crop": 0, "landslide": 1, "biomass": 2}[task]
-    WRITERS[task](tmp, np.random.default_rng([seed, offset]))
+    WRITERS[task](tmp, np.random.default_rng([seed, offset]), counts or COUNTS[task])
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

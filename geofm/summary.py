@@ -48,8 +48,8 @@ def cell_row(out_dir: Path, err_dir: Path, cell: Cell) -> dict:
     finetune = _load(folder / "finetune.json") or {}
     evaluate = _load(folder / "evaluate.json") or {}
     baseline = _load(out_dir / "baselines" / f"{cell.task}.json")
-    errs = [err_dir / f"{cell.err_name}.err", err_dir / f"{cell.task}_{cell.model}_preflight.err"]
-    err = next((e for e in errs if e.is_file()), None)
+    err = err_dir / f"{cell.err_name}.err"
+    err = err if err.is_file() else None
     if err is not None:
         status = "failed"
     elif metrics is not None:

@@ -1,0 +1,101 @@
+"""The report's front page: headline results, ranking, cost total and one prediction per task,
+as a self-contained HTML fragment that report/workflow.rst includes, so a reviewer sees the
+answer without clicking through categories."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from geofm.stats import RANKING_RULE
+from geofm.tasks import TASKS
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    def cell(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k, _ in columns) + "</tr>" for r in rows)
+    return f'<table class="geofm-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _image(path: Path, alt: str, width: int = 900) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" style="max-width:{width}px;width:100%" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def build(
+    experiment: str,
+    description: str,
+    aggregate: dict,
+    summary: dict,
+    cost_total: dict,
+    curves: dict[str, Path],
+    predictions: dict[str, Path],
+) -> str:
+    headline = []
+    for r in aggregate["rows"]:
+        if r["headline"]:
+            interval = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]" if r["ci_low"] is not None else r["ci_note"]
+            reference = ""
+            if r["reference"] is not None:
+                reference = f"{r['reference']:.4g} ({'ok' if r['within_tolerance'] else 'OUTSIDE tolerance'}, delta {r['delta_to_reference']:+.4g})"
+            headline.append(
+                {**r, "interval": interval, "reference_check": reference, "split": TASKS[r["task"]].test_split}
+            )
+    failed = [f"{r['task']}/{r['model']}/seed{r['seed']}" for r in summary["rows"] if r["status"] != "ok"]
+    parts = [
+        '<div class="geofm-overview">',
+        "<style>.geofm-table{border-collapse:collapse;margin:8px 0}.geofm-table td,.geofm-table th{border:1px solid #bbb;padding:3px 8px;font-size:13px}.geofm-table th{background:#eee}</style>",
+        f"<h2>Experiment {html.escape(experiment)}</h2>",
+        f"<p>{html.escape(description)}</p>" if description else "",
+        f"<p><b>{summary['cells'] - len(failed)} of {summary['cells']} cells finished</b>"
+        + (f"; not finished: {html.escape(', '.join(failed))}" if failed else "")
+        + "</p>",
+        "<h3>Headline metrics across seeds</h3>",
+        _table(
+            headline,
+            [
+                ("task", "task"),
+                ("model", "model"),
+                ("metric", "metric"),
+                ("seeds", "seeds"),
+                ("mean", "mean"),
+                ("std", "std"),
+                ("interval", "95% bootstrap interval"),
+                ("reference_check", "reference"),
+                ("split", "reported split"),
+            ],
+        ),  # fmt: skip
+        "<h3>Ranking</h3>",
+        f"<p>{html.escape(RANKING_RULE)}</p>",
+        _table(
+            aggregate["ranking"],
+            [("overall_rank", "rank"), ("model", "model"), ("mean_rank", "mean rank")]
+            + [(f"rank_{t}", t) for t in TASKS],
+        ),
+        "<h3>Cost</h3>",
+        _table(
+            [cost_total],
+            [
+                ("wall_s", "wall time (s)"),
+                ("cpu_hours", "CPU-hours"),
+                ("gpu_hours", "GPU-hours"),
+                ("energy_j", "energy (J)"),
+                ("peak_rss_mb", "peak memory (MB)"),
+            ],
+        ),
+        "<h3>Sample predictions</h3>",
+        *[_image(p, f"{task}: {p.parent.parent.name} / {p.parent.name} / {p.stem}") for task, p in predictions.items()],
+        "<h3>Learning curves</h3>",
+        *[_image(p, f"{task} learning curves") for task, p in curves.items()],
+        "<p>All tables, per-class scores, every prediction, the cost ledger and the provenance manifest are in the categories on the left.</p>",
+        "</div>",
+    ]
+    return "\n".join(parts)
