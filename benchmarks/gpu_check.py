@@ -52,6 +52,7 @@ def prepare(work: Path, chips: int, batch: int, steps: int, workers: int, backbo
                 "trainer.num_sanity_val_steps": 0,
                 "trainer.callbacks.0.init_args.monitor": None,  # keep the last checkpoint
                 "trainer.log_every_n_steps": 50,
+                "lr_scheduler": None,  # the recipe's plateau scheduler needs validation
             },
         }}},
     })  # fmt: skip

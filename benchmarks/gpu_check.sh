@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on the lent GPU machine (no network there): installs the carried wheels
 # (.whl/, listed in benchmarks/gpu_wheels.txt) into /tmp/site, checks the imports, then runs
-# benchmarks/gpu_check.py. Results go to $OUT (the device tool's folder) or results/gpu_check.
+# benchmarks/gpu_check.py. Results: /tmp/gpu_check (copied to $OUT, the device tool's folder, when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 LIGHTLY_DID_VERSION_CHECK=True PYTHONUNBUFFERED=1
@@ -12,4 +12,5 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip show timm pandas xarray typing-extensions 2>/dev/null | grep -E '^(Name|Version)' | paste - - || true
 python3 -c "import terratorch, geofm.jobs; print('imports ok, terratorch', terratorch.__version__ if hasattr(terratorch, '__version__') else '')"
-python3 benchmarks/gpu_check.py --out "${OUT:-results/gpu_check}" "$@"
+python3 benchmarks/gpu_check.py --out /tmp/gpu_check "$@"
+if [ -n "${OUT:-}" ]; then cp /tmp/gpu_check/*.json /tmp/gpu_check/config.yaml "$OUT"/; fi

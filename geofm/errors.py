@@ -11,11 +11,15 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 TAIL_LINES = 40
+# Where the executor plugins write each job's scheduler log (relative to the working directory).
+SLURM_LOGS = Path(".snakemake/slurm_logs")
+LSF_LOGS = Path(".snakemake/lsf_logs")
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -27,17 +31,52 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def scheduler_log() -> str | None:
-    """Where the scheduler keeps this job's own log, if the job runs under one."""
-    if os.environ.get("SNAKEMAKE_SLURM_LOG"):
-        return os.environ["SNAKEMAKE_SLURM_LOG"]
-    if os.environ.get("LSB_JOBID"):
-        return os.environ.get("LSB_OUTPUTFILE") or f"LSF job {os.environ['LSB_JOBID']} (bjobs -l / bhist -l)"
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"SLURM job {os.environ['SLURM_JOB_ID']} (sacct -j {os.environ['SLURM_JOB_ID']})"
+    """Where the scheduler keeps this job's own log, if the job runs under one: '<path> (<job>)'.
+
+    LSF names the `bsub -o` file in LSB_OUTPUTFILE. The SLURM plugin writes
+    .snakemake/slurm_logs/rule_<rule>/<wildcards>/<jobid>.log under the working directory (where
+    the job runs) unless --slurm-logdir moves it; then SLURM itself is asked (`scontrol show job`).
+    """
+    lsf_job = os.environ.get("LSB_JOBID")
+    if lsf_job:
+        out = os.environ.get("LSB_OUTPUTFILE")
+        return f"{out} (LSF job {lsf_job})" if out else f"LSF job {lsf_job} (bjobs -l {lsf_job}; bhist -l {lsf_job})"
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    if slurm_job:
+        path = _slurm_log(slurm_job)
+        return f"{path} (SLURM job {slurm_job})" if path else f"SLURM job {slurm_job} (sacct -j {slurm_job})"
     return None
 
 
-def write(err_path: Path, *, stage: str, cell: str, cause: str, log_path: Path | None, details: str = "") -> None:
+def _slurm_log(job_id: str) -> str | None:
+    found = sorted(SLURM_LOGS.glob(f"rule_*/**/{job_id}.log"))
+    if found:
+        return str(found[0].resolve())
+    said = _ask("scontrol", "show", "job", "-o", job_id)
+    path = next((f[len("StdOut=") :] for f in (said or "").split() if f.startswith("StdOut=")), None)
+    return path if path and "%" not in path else None
+
+
+def _ask(*cmd: str) -> str | None:
+    """stdout of a scheduler command, or None if it is missing, fails or hangs."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def write(
+    err_path: Path,
+    *,
+    stage: str,
+    cell: str,
+    cause: str,
+    log_path: Path | None,
+    details: str = "",
+    scheduler: tuple[Path, str] | None = None,
+) -> None:
+    """`scheduler`: (log, job) of a job that could not write this file itself (see write_killed)."""
     err_path = Path(err_path)
     err_path.parent.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -49,7 +88,7 @@ def write(err_path: Path, *, stage: str, cell: str, cause: str, log_path: Path |
         f"cause: {cause}",
         f"log: {log_path}" if log_path else "log: (none)",
     ]
-    sched = scheduler_log()
+    sched = f"{scheduler[0]} ({scheduler[1]})" if scheduler else scheduler_log()
     if sched:
         lines.append(f"scheduler log: {sched}")
     text = "\n".join(lines) + "\n"
@@ -57,18 +96,24 @@ def write(err_path: Path, *, stage: str, cell: str, cause: str, log_path: Path |
         text += "\n--- traceback ---\n" + details.rstrip() + "\n"
     if log_path:
         text += f"\n--- last {TAIL_LINES} lines of {log_path} ---\n" + tail(Path(log_path))
+    if scheduler:
+        text += f"\n--- last {TAIL_LINES} lines of {scheduler[0]} ---\n" + tail(Path(scheduler[0]))
     err_path.write_text(text)
 
 
 @contextlib.contextmanager
-def captured(log_path: Path, err_path: Path | None = None, *, stage: str = "", cell: str = ""):
+def captured(log_path: Path, err_paths: Path | list | None = None, *, stage: str = "", cell: str = ""):
     """Run a job body with its stdout and stderr in its log file; on an exception write the
-    error file (if the job has one), then fail the job.
+    error file(s) (a preflight fails every seed of its task x model), then fail the job.
 
     Redirection works on file descriptors, so native libraries' messages land in the log too.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if err_paths is None:
+        err_paths = []
+    elif isinstance(err_paths, (str, Path)):
+        err_paths = [err_paths]
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
@@ -78,15 +123,103 @@ def captured(log_path: Path, err_path: Path | None = None, *, stage: str = "", c
     except BaseException as e:
         traceback.print_exc()
         log.flush()
-        if err_path is not None:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            cause = f"{type(e).__name__}: {message}"
-            if isinstance(e, SystemExit):  # argument parsers print the reason, then exit
-                said = [line for line in tail(log_path, 200).splitlines() if line.startswith("error:")]
-                cause = f"config rejected by TerraTorch's CLI: {said[-1][len('error: ') :] if said else message}"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        cause = f"{type(e).__name__}: {message}"
+        if isinstance(e, SystemExit):  # argument parsers print the reason, then exit
+            said = [line for line in tail(log_path, 200).splitlines() if line.startswith("error:")]
+            cause = f"config rejected by TerraTorch's CLI: {said[-1][len('error: ') :] if said else message}"
+        for err_path in err_paths:
             write(err_path, stage=stage, cell=cell, cause=cause, log_path=log_path, details=traceback.format_exc())
         raise
     else:
-        stale = Path(err_path) if err_path is not None else None
-        if stale and stale.is_file() and f"stage: {stage}\n" in stale.read_text(errors="replace"):
-            stale.unlink()
+        for stale in map(Path, err_paths):
+            if stale.is_file() and f"stage: {stage}\n" in stale.read_text(errors="replace"):
+                stale.unlink()
+
+
+# --- Jobs killed by the scheduler ------------------------------------------------------------
+# A job killed for exceeding its memory or time limit, or cancelled, dies before its script can
+# write its err/ file. The workflow's onerror handler writes it from the scheduler's log instead.
+
+KILLED = [  # cause; SLURM's job state; what SLURM or LSF write in the job's log (checked in this order)
+    ("out of memory", ("OUT_OF_MEMORY",), ("exceeded memory limit", "oom-kill", "oom_kill", "TERM_MEMLIMIT")),
+    ("time limit reached", ("TIMEOUT",), ("DUE TO TIME LIMIT", "TERM_RUNLIMIT")),
+    ("cancelled", ("CANCELLED",), ("CANCELLED AT", "TERM_OWNER", "TERM_ADMIN", "TERM_FORCE")),
+]
+
+
+def run_started(snakemake_log: str | Path | None) -> float:
+    """Start of a run, from its log's name (.snakemake/log/<local time>.snakemake.log); 0 if unknown."""
+    try:
+        stamp = Path(snakemake_log).name.split(".snakemake.log")[0]
+        return dt.datetime.strptime(stamp, "%Y-%m-%dT%H%M%S.%f").timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def scheduler_logs(rule: str, wildcards: dict, since: float = 0.0) -> list[Path]:
+    """A job's scheduler logs (SLURM or LSF plugin layout) written since `since`, newest last."""
+    folders = [
+        SLURM_LOGS / f"rule_{rule}" / "_".join(str(v) for v in wildcards.values()),
+        LSF_LOGS / f"rule_{rule}" / "..".join(f"{k}={v}" for k, v in wildcards.items()),
+    ]
+    logs = [log for folder in folders for log in folder.glob("*.log") if log.stat().st_mtime >= since]
+    return sorted(logs, key=lambda log: log.stat().st_mtime)
+
+
+def write_killed(
+    rule: str, wildcards: dict, *, done: Path, err_paths: list, cell: str, log_path: Path, since: float
+) -> bool:
+    """Write the err/ files of a job that ran under a scheduler in this run (it left a log), did
+    not finish (`done` is missing) and wrote no err/ file itself. True if it wrote them."""
+    if Path(done).exists() or any(Path(p).exists() for p in err_paths):
+        return False
+    logs = scheduler_logs(rule, wildcards, since)
+    if not logs:
+        return False
+    log = logs[-1]
+    text, job = tail(log, 200), f"LSF job, log {log.name}"
+    state = ""
+    if SLURM_LOGS in log.parents and log.stem.isdigit():
+        job = f"SLURM job {log.stem}"
+        said = _ask("squeue", "-h", "-t", "all", "-j", log.stem, "-o", "%T")
+        said = said or _ask("sacct", "-X", "-n", "-P", "-j", log.stem, "-o", "State")
+        state = (said or "").strip().splitlines()[-1] if (said or "").strip() else ""
+    why = next((c for c, states, says in KILLED if state.startswith(states) or any(s in text for s in says)), None)
+    cause = f"killed by the scheduler: {why}" if why else "the job ended without its outputs or an error message"
+    cause += f" ({job}{': ' + state if state else ''}); see its scheduler log"
+    for err_path in err_paths:
+        write(err_path, stage=rule, cell=cell, cause=cause, log_path=log_path, scheduler=(log.resolve(), job))
+    return True
+
+
+def write_killed_cells(cells, *, out_dir: Path, err_dir: Path, logs_dir: Path, since: float) -> list[str]:
+    """write_killed for every heavy job of a run's cells (preflight per task x model, finetune,
+    evaluate), in the results layout; returns the cells whose err/ files it wrote."""
+    out_dir, err_dir, logs_dir = Path(out_dir), Path(err_dir), Path(logs_dir)
+    written = []
+    for task, model in dict.fromkeys((c.task, c.model) for c in cells):
+        errs = [err_dir / f"{c.err_name}.err" for c in cells if (c.task, c.model) == (task, model)]
+        if write_killed(
+            "preflight",
+            {"task": task, "model": model},
+            done=out_dir / task / model / "preflight.json",
+            err_paths=errs,
+            cell=f"{task}/{model} (preflight)",
+            log_path=logs_dir / "preflight" / f"{task}_{model}.log",
+            since=since,
+        ):
+            written.append(f"{task}/{model} (preflight)")
+    for c in cells:
+        for rule, done in (("finetune", "finetune.json"), ("evaluate", "metrics.json")):
+            if write_killed(
+                rule,
+                {"task": c.task, "model": c.model, "seed": c.seed},
+                done=out_dir / c.task / c.model / f"seed{c.seed}" / done,
+                err_paths=[err_dir / f"{c.err_name}.err"],
+                cell=c.id,
+                log_path=logs_dir / rule / f"{c.err_name}.log",
+                since=since,
+            ):
+                written.append(c.id)
+    return written

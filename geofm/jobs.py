@@ -81,9 +81,8 @@ def build_cli(config: Path, rt: dict, extra: list[str] = ()):
     from terratorch.cli_tools import build_lightning_cli
 
     torch.set_num_threads(max(1, rt["torch_threads"]))
-    if rt["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if rt["tf32"]:  # the API Lightning checks; the older allow_tf32 flags conflict with it
+        torch.set_float32_matmul_precision("high")
     args = [
         "--config", str(config),
         f"--trainer.precision={rt['precision']}",

@@ -67,12 +67,12 @@ class _GpuSampler(threading.Thread):
         self.handle, self.interval = handle, interval
         self.util: list[tuple[float, int]] = []  # (time, percent)
         self.peak_used = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import pynvml
 
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 self.util.append((time.perf_counter(), pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
                 used = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
@@ -81,7 +81,7 @@ class _GpuSampler(threading.Thread):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=2)
 
 

@@ -42,7 +42,7 @@ rule preflight:
         task="{task}",
         trainer=EXP["trainer"],
         run_dir=f"{SCRATCH}/{{task}}/{{model}}/preflight",
-        err=f"{ERR}/{{task}}_{{model}}_preflight.err",
+        err=lambda w: [f"{ERR}/{w.task}_{w.model}_seed{seed}.err" for seed in EXP["seeds"]],
         cell="{task}/{model} (preflight)",
     script:
         "../scripts/preflight.py"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -81,10 +82,23 @@ def test_fixing_the_data_reruns_only_that_cell(failed_run):
     from conftest import job_counts
 
     workdir, _, victim, good, config = failed_run
+    datasets = workdir / "results" / "broken" / "out" / "datasets"
+    before = {t: json.loads((datasets / f"{t}.json").read_text())["sha256"] for t in ("crop", "landslide", "biomass")}
     victim.write_bytes(good)
     plan = run_snakemake(workdir, "--dry-run", configfile=config)
     assert plan.returncode == 0, plan.stderr
-    assert job_counts(plan.stdout) == {"evaluate": 1, "plot_predictions": 1, "summary": 1, "all": 1, "total": 4}
+    assert job_counts(plan.stdout) == {
+        "evaluate": 1,
+        "plot_predictions": 1,
+        "dataset_manifest": 1,  # the landslide data changed: re-hashed
+        "summary": 1,
+        "aggregate": 1,
+        "cost_ledger": 1,
+        "manifest": 1,
+        "overview": 1,
+        "all": 1,
+        "total": 9,
+    }
     result = run_snakemake(workdir, "--cores", "2", configfile=config)
     assert result.returncode == 0, result.stderr[-3000:]
     err_dir = workdir / "results" / "broken" / "err"
@@ -93,4 +107,10 @@ def test_fixing_the_data_reruns_only_that_cell(failed_run):
         r["task"]: r["status"] for r in csv.DictReader(open(workdir / "results" / "broken" / "out" / "summary.csv"))
     }
     assert set(rows.values()) == {"ok"}
+    # The provenance follows the data: only the changed dataset's hash differs.
+    after = {t: json.loads((datasets / f"{t}.json").read_text())["sha256"] for t in before}
+    assert after["landslide"] != before["landslide"]
+    assert after["crop"] == before["crop"] and after["biomass"] == before["biomass"]
+    manifest = json.loads((workdir / "results" / "broken" / "out" / "manifest.json").read_text())
+    assert manifest["datasets"]["landslide"]["sha256"] == after["landslide"]
     shutil.rmtree(workdir / "scratch", ignore_errors=True)

@@ -24,9 +24,15 @@ def test_grid_2_models_2_seeds_3_tasks(tmp_path, shared_cache):
         "finetune": cells,
         "evaluate": cells,
         "plot_predictions": cells,
+        "learning_curves": 3,
+        "dataset_manifest": 3,
         "summary": 1,
+        "aggregate": 1,
+        "cost_ledger": 1,
+        "manifest": 1,
+        "overview": 1,
         "all": 1,
-        "total": 3 + 1 + 3 + 4 * cells + 6 + 2,
+        "total": 3 + 1 + 3 + 4 * cells + 6 + 3 + 3 + 6,
     }
 
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Data loading versus training, per task, on the sample data: samples per second of the
+training data loader alone (read, decode, augment, collate) for several worker counts, and of
+full training steps (loader + forward + backward) through the same TerraTorch config.
+
+If the loader alone is not several times faster than a training step, the GPU (or CPU) waits
+for data: raise num_workers. This measurement chose the 'auto' worker rule in geofm/jobs.py.
+
+    .venv/bin/python benchmarks/dataloader.py [--workers 0,1,2] [--batches 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LIGHTLY_DID_VERSION_CHECK", "True")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rendered_config(task: str, work: Path) -> Path:
+    import yaml
+
+    from geofm import render, sample_data
+    from geofm.config import cell_settings, resolve
+    from geofm.tasks import crop_selection_split
+
+    data = work / task
+    sample_data.write(task, data, seed=0)
+    splits = work / "splits"
+    splits.mkdir(exist_ok=True)
+    if task == "crop":
+        for name, ids in crop_selection_split(data).items():
+            (splits / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    experiment = resolve(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), root=REPO)
+    experiment["tasks"][task]["data_root"] = str(data)
+    settings = cell_settings(experiment, task, "tiny", 0)
+    paths = {"data_root": str(data), "run_dir": str(work / "run" / task), "splits_dir": str(splits), "ckpt_path": None}
+    path = work / f"{task}.yaml"
+    path.write_text(
+        yaml.safe_dump(render.render(Path(experiment["tasks"][task]["recipe"]).read_text(), settings, paths))
+    )
+    return path
+
+
+def loader_rate(config: Path, workers: int, batches: int) -> float:
+    from geofm.jobs import build_cli, runtime_settings
+
+    trainer = {
+        "accelerator": "cpu",
+        "precision": "32-true",
+        "num_workers": workers,
+        "pin_memory": False,
+        "persistent_workers": True,
+        "prefetch_factor": 2,
+        "tf32": False,
+    }
+    cli = build_cli(config, runtime_settings(trainer, threads=max(1, workers + 1)))
+    cli.datamodule.setup("fit")
+    samples, t0 = 0, None
+    for i, batch in enumerate(cli.datamodule.train_dataloader()):
+        if i == 1:  # the first batch includes worker start-up
+            t0, samples = time.perf_counter(), 0
+        samples += len(batch["image"])
+        if i >= batches:
+            break
+    return samples / (time.perf_counter() - t0)
+
+
+def training_rate(config: Path, batches: int) -> float:
+    from geofm.jobs import build_cli, runtime_settings
+    from geofm.resources import Throughput
+
+    trainer = {
+        "accelerator": "cpu",
+        "precision": "32-true",
+        "num_workers": 0,
+        "pin_memory": False,
+        "persistent_workers": False,
+        "prefetch_factor": 2,
+        "tf32": False,
+    }
+    extra = ["--trainer.callbacks+=geofm.resources.Throughput", f"--trainer.max_steps={batches}", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--lr_scheduler=null"]  # fmt: skip
+    cli = build_cli(config, runtime_settings(trainer, threads=os.cpu_count() or 1), extra)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    throughput = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput))
+    return throughput.steady_per_second or throughput.per_second
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--tasks", default="crop,landslide,biomass")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="geofm-dl-") as tmp:
+        for task in args.tasks.split(","):
+            config = rendered_config(task, Path(tmp))
+            loader = {int(w): loader_rate(config, int(w), args.batches) for w in args.workers.split(",")}
+            rows.append((task, loader, training_rate(config, args.batches)))
+    workers = sorted(rows[0][1])
+    print(
+        f"{'task':<11}"
+        + "".join(f"{f'loader w={w}':>15}" for w in workers)
+        + f"{'train step':>13}  (samples/s, CPU, {os.cpu_count()} cores)"
+    )
+    for task, loader, train in rows:
+        print(f"{task:<11}" + "".join(f"{loader[w]:>15.1f}" for w in workers) + f"{train:>13.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
