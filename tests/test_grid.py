@@ -177,7 +177,16 @@ def test_changing_plot_settings_reruns_only_plotting(grid, shared_cache):
     config = grid_config(workdir / "plots.yaml", shared_cache, predictions={"samples": 2, "dpi": 60})
     plan = run_snakemake(workdir, "--dry-run", configfile=config)
     assert plan.returncode == 0, plan.stderr
-    assert job_counts(plan.stdout) == {"plot_predictions": 12, "overview": 1, "all": 1, "total": 14}
+    # Plots only (prediction plots, learning curves at the new dpi, the page showing them), and
+    # the provenance manifest, whose config hash records every config change.
+    assert job_counts(plan.stdout) == {
+        "plot_predictions": 12,
+        "learning_curves": 3,
+        "overview": 1,
+        "manifest": 1,
+        "all": 1,
+        "total": 18,
+    }
 
 
 def test_changing_one_model_reruns_only_its_cells_and_the_aggregations(grid, shared_cache):
