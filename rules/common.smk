@@ -111,6 +111,8 @@ def final_targets():
     targets = cell_files(f"{OUT}/{CELL}/metrics.json")
     targets += cell_files(f"{PRED}/{CELL}")
     targets += [f"{OUT}/summary.csv", f"{OUT}/summary.json", f"{OUT}/aggregate.csv", f"{OUT}/cost.csv"]
-    targets += [f"{OUT}/manifest.json"]
+    targets += [f"{OUT}/manifest.json", f"{OUT}/overview.html"]
     targets += expand(f"{OUT}/curves/{{task}}.png", task=EXP["enabled_tasks"])
+    if EXP["versioning"]["enabled"]:  # rules/version.smk: dvc + git, after everything else
+        targets.append(f"{SCRATCH}/versioning/version.json")
     return targets

@@ -14,6 +14,7 @@ localrules:
     learning_curves,
     dataset_manifest,
     manifest,
+    overview,
 
 
 rule summary:
@@ -142,10 +143,38 @@ rule manifest:
         "../scripts/manifest.py"
 
 
+rule overview:
+    """The report's front page: headline table, ranking, cost and a prediction per task."""
+    input:
+        aggregate=f"{OUT}/aggregate.json",
+        summary=f"{OUT}/summary.json",
+        cost=f"{OUT}/cost.csv",
+        curves=expand(f"{OUT}/curves/{{task}}.png", task=EXP["enabled_tasks"]),
+        predictions=[f"{PRED}/{task}/{MODELS[0]}/seed{EXP['seeds'][0]}" for task in EXP["enabled_tasks"]],
+    output:
+        f"{OUT}/overview.html",
+    log:
+        f"{LOGS}/overview.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        experiment=NAME,
+        description=EXP["description"],
+        tasks=EXP["enabled_tasks"],
+    script:
+        "../scripts/overview.py"
+
+
 onerror:
     # Failed cells cannot feed the summary rule; write the summary anyway, marking them.
     from pathlib import Path
-    from geofm import summary
+    from geofm import errors, summary
 
+    # Jobs the scheduler killed (memory or time limit, scancel) could not write their err/ files.
+    killed = errors.write_killed_cells(
+        CELLS, out_dir=OUT, err_dir=ERR, logs_dir=LOGS, since=errors.run_started(log)
+    )
+    for cell in killed:
+        print(f"{cell}: killed by the scheduler; error file written in {ERR}/", file=sys.stderr)
     summary.write(Path(OUT), Path(ERR), CELLS, EXP, Path(f"{OUT}/summary.csv"), Path(f"{OUT}/summary.json"))
     print(f"Summary with failed cells marked: {OUT}/summary.csv; error files in {ERR}/", file=sys.stderr)

@@ -1,0 +1,52 @@
+# Versioning (versioning.enabled, set by the COS watcher): the experiment's large results go
+# to DVC, its small text results to git, and both are pushed (geofm/versioning.py).
+#
+# A run whose cells all succeed reaches `version` through the default target. When a cell
+# fails, Snakemake cannot run anything that depends on the failed cell, so `version` never
+# runs; the onerror handler (rules/report.smk) writes the summary marking the failed cells,
+# and a second call versions that evidence (error files, summary, logs, whatever finished):
+#     snakemake version_evidence --force ...
+# `version_evidence` has no inputs, so it runs whatever failed before it.
+# Their logs and receipts live in scratch: results/<experiment>/logs/ is among what they
+# version, so nothing may write there while they run.
+
+
+localrules:
+    version,
+    version_evidence,
+
+
+rule version:
+    """Every output exists: dvc add + push the large results, commit + push the small text."""
+    input:
+        [t for t in final_targets() if not t.startswith(f"{SCRATCH}/versioning/")],
+    output:
+        f"{SCRATCH}/versioning/version.json",
+    log:
+        f"{SCRATCH}/versioning/version.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        exp_dir=lambda w: RESULTS,
+        experiment=NAME,
+        outcome="succeeded",
+        settings=EXP["versioning"],
+    script:
+        "../scripts/version_results.py"
+
+
+rule version_evidence:
+    """What a failed run left behind (error files, summary, logs, finished cells), versioned."""
+    output:
+        f"{SCRATCH}/versioning/evidence.json",
+    log:
+        f"{SCRATCH}/versioning/evidence.log",
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        exp_dir=RESULTS,
+        experiment=NAME,
+        outcome="failed",
+        settings=EXP["versioning"],
+    script:
+        "../scripts/version_results.py"

@@ -1,0 +1,17 @@
+"""Rules version / version_evidence: dvc add + push the experiment's results, commit + push git."""
+
+from pathlib import Path
+
+from geofm import errors, versioning
+
+sm = snakemake  # noqa: F821 (provided by Snakemake)
+with errors.captured(sm.log[0]):
+    versioning.version(
+        Path.cwd(),
+        Path(sm.params.exp_dir),
+        experiment=sm.params.experiment,
+        outcome=sm.params.outcome,
+        settings=dict(sm.params.settings),
+        receipt=Path(sm.output[0]),
+        log=lambda line: print(line, flush=True),
+    )
