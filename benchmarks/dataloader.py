@@ -62,13 +62,16 @@ def loader_rate(config: Path, workers: int, batches: int) -> float:
     }
     cli = build_cli(config, runtime_settings(trainer, threads=max(1, workers + 1)))
     cli.datamodule.setup("fit")
-    samples, t0 = 0, None
-    for i, batch in enumerate(cli.datamodule.train_dataloader()):
-        if i == 1:  # the first batch includes worker start-up
-            t0, samples = time.perf_counter(), 0
-        samples += len(batch["image"])
-        if i >= batches:
-            break
+    loader = cli.datamodule.train_dataloader()  # sample datasets are small: loop over epochs
+    samples, seen, t0 = 0, 0, None
+    while seen <= batches:
+        for batch in loader:
+            if seen == 1:  # the first batch includes worker start-up
+                t0, samples = time.perf_counter(), 0
+            samples += len(batch["image"])
+            seen += 1
+            if seen > batches:
+                break
     return samples / (time.perf_counter() - t0)
 
 
@@ -85,7 +88,7 @@ def training_rate(config: Path, batches: int) -> float:
         "prefetch_factor": 2,
         "tf32": False,
     }
-    extra = ["--trainer.callbacks+=geofm.resources.Throughput", f"--trainer.max_steps={batches}", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--lr_scheduler=null"]  # fmt: skip
+    extra = ["--trainer.callbacks+=geofm.resources.Throughput", f"--trainer.max_steps={batches}", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={config.parent}", "--trainer.logger=false", "--lr_scheduler=null"]  # fmt: skip
     cli = build_cli(config, runtime_settings(trainer, threads=os.cpu_count() or 1), extra)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     throughput = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput))

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Workflow overhead: the default sample-data experiment through the workflow versus the same
 fine-tunes and evaluations called directly with `terratorch fit` / `terratorch test` on the
-identical configs (the workflow's own config.effective.yaml files), 2 at a time like the
-workflow on 2 cores. Runs are interleaved; the median ratio is reported.
+identical configs (the workflow's own config.effective.yaml files), 2 at a time with one torch
+thread each, like the workflow's jobs on 2 cores. Runs are interleaved; the median ratio is reported.
 
 Both sides start from already generated sample data. The workflow also runs its preflight
 (unless --no-preflight), baselines, plots, manifests and aggregation: that is the overhead.
@@ -13,6 +13,7 @@ Both sides start from already generated sample data. The workflow also runs its 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,12 +33,15 @@ TERRATORCH = str(Path(sys.executable).parent / "terratorch")
 def direct(configs: list[Path], folder: Path) -> float:
     """fit then test per cell, two cells at a time; returns wall seconds."""
 
+    # One torch thread per process, as the workflow gives each of its 1-thread jobs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
     def cell(config: Path) -> None:
         run = folder / config.parent.name
         common = ["--config", str(config), f"--trainer.default_root_dir={run}"]
-        subprocess.run([TERRATORCH, "fit", *common], check=True, capture_output=True)
+        subprocess.run([TERRATORCH, "fit", *common], check=True, capture_output=True, env=env)
         ckpt = next(Path(p) for p in sorted((Path(config).parent / "checkpoints").glob("*.ckpt")))
-        subprocess.run([TERRATORCH, "test", *common, f"--ckpt_path={ckpt}"], check=True, capture_output=True)
+        subprocess.run([TERRATORCH, "test", *common, f"--ckpt_path={ckpt}"], check=True, capture_output=True, env=env)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:

@@ -33,8 +33,14 @@ def runtime_settings(trainer: dict, threads: int) -> dict:
         precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if cuda else "32-true"
     workers = trainer["num_workers"]
     if workers == "auto":
-        # On a CPU-only job every worker competes with the training threads for the same cores.
-        workers = min(8, threads - 1) if (cuda and threads > 1) else (min(4, threads // 2) if threads > 2 else 0)
+        # Measured (benchmarks/dataloader.py, gpu_check.py): on CPU the loader alone is ~10x
+        # faster than a training step, and workers only add IPC on 1-2 cores; on a GPU the
+        # loader is the bottleneck (8 workers fed an H100 at ~15% utilisation), so use every
+        # CPU the job has but one.
+        if cuda:
+            workers = max(0, threads - 1)
+        else:
+            workers = min(4, threads // 2) if threads > 2 else 0
     pin = cuda if trainer["pin_memory"] == "auto" else trainer["pin_memory"]
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -44,7 +50,7 @@ def runtime_settings(trainer: dict, threads: int) -> dict:
         "persistent_workers": bool(trainer["persistent_workers"] and workers > 0),
         "prefetch_factor": trainer["prefetch_factor"] if workers > 0 else None,
         "tf32": bool(trainer["tf32"] and cuda),
-        "torch_threads": threads,
+        "torch_threads": max(1, threads - workers),  # loader workers get the other cores
     }
 
 
