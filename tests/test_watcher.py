@@ -121,8 +121,15 @@ def test_renewed_lease_is_never_stale_and_a_lost_one_stops_the_holder(store, tmp
             assert b.claim(sid) is None
             time.sleep(0.5)
         assert not a.lost.is_set()
-        _, etag = store.get_json(lease.key)  # taken over behind its back (e.g. after a partition)
-        store.put(lease.key, b._lease_body("someone-else"), if_match=etag)
+        for _ in range(20):  # taken over behind its back (e.g. after a partition)
+            _, etag = store.get_json(lease.key)
+            try:  # the heartbeat may renew between our read and write: read again then
+                store.put(lease.key, b._lease_body("someone-else"), if_match=etag)
+                break
+            except cos.PreconditionFailed:
+                continue
+        else:
+            pytest.fail("could not take the lease over in 20 tries")
         sv.wait_for(a.lost.is_set, 10, what="the holder to notice")
     finally:
         done.set()
