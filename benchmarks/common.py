@@ -32,3 +32,22 @@ def write_config(path: Path, **changes) -> Path:
     config.update(changes)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def warn_if_slurm_client_without_controller() -> None:
+    """With a SLURM client installed but no controller, every snakemake start stalls ~10 s while
+    the SLURM plugin probes the cluster: real on such a machine, but not a cost of this workflow."""
+    import shutil
+
+    if not shutil.which("scontrol"):
+        return
+    try:
+        up = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).returncode == 0
+    except subprocess.TimeoutExpired:
+        up = False
+    if not up:
+        print(
+            "note: a SLURM client is installed but no controller answers: each snakemake start stalls"
+            " ~10 s (start one with tests/cluster/slurm-up.sh, stop it with slurm-down.sh)",
+            file=sys.stderr,
+        )

@@ -6,7 +6,10 @@ full training steps (loader + forward + backward) through the same TerraTorch co
 If the loader alone is not several times faster than a training step, the GPU (or CPU) waits
 for data: raise num_workers. This measurement chose the 'auto' worker rule in geofm/jobs.py.
 
-    .venv/bin/python benchmarks/dataloader.py [--workers 0,1,2] [--batches 12]
+    .venv/bin/python benchmarks/dataloader.py [--workers 0,1,2] [--batches 12] [--chips 96] [--no-training]
+
+--single-threaded-workers pins OpenCV, torch and GDAL to one thread inside each loader worker,
+to see whether many-core machines lose loader throughput to thread oversubscription.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ os.environ.setdefault("LIGHTLY_DID_VERSION_CHECK", "True")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def rendered_config(task: str, work: Path) -> Path:
+# Training chips per task: the bundled sample has 8-12, 2-3 batches per epoch, too few for
+# loader workers to overlap (a 16-core probe saw no gain from 4-15 workers on them).
+SPLITS = {
+    "crop": lambda n: {"training": n, "validation": 3},
+    "landslide": lambda n: {"train": n, "validation": 4, "test": 4},
+    "biomass": lambda n: {"train": n, "val": 3, "test": 3},
+}
+
+
+def rendered_config(task: str, work: Path, chips: int) -> Path:
     import yaml
 
     from geofm import render, sample_data
@@ -31,7 +43,7 @@ def rendered_config(task: str, work: Path) -> Path:
     from geofm.tasks import crop_selection_split
 
     data = work / task
-    sample_data.write(task, data, seed=0)
+    sample_data.write(task, data, seed=0, counts=SPLITS[task](chips))
     splits = work / "splits"
     splits.mkdir(exist_ok=True)
     if task == "crop":
@@ -48,7 +60,16 @@ def rendered_config(task: str, work: Path) -> Path:
     return path
 
 
-def loader_rate(config: Path, workers: int, batches: int) -> float:
+def single_threaded(_worker_id: int) -> None:
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    os.environ["GDAL_NUM_THREADS"] = "1"
+
+
+def loader_rate(config: Path, workers: int, batches: int, single_threaded_workers: bool = False) -> float:
     from geofm.jobs import build_cli, runtime_settings
 
     trainer = {
@@ -63,6 +84,8 @@ def loader_rate(config: Path, workers: int, batches: int) -> float:
     cli = build_cli(config, runtime_settings(trainer, threads=max(1, workers + 1)))
     cli.datamodule.setup("fit")
     loader = cli.datamodule.train_dataloader()  # sample datasets are small: loop over epochs
+    if single_threaded_workers:
+        loader.worker_init_fn = single_threaded
     samples, seen, t0 = 0, 0, None
     while seen <= batches:
         for batch in loader:
@@ -100,13 +123,19 @@ def main() -> int:
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--tasks", default="crop,landslide,biomass")
+    parser.add_argument("--chips", type=int, default=96, help="training chips per task")
+    parser.add_argument("--no-training", action="store_true", help="measure the loader only")
+    parser.add_argument("--single-threaded-workers", action="store_true")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="geofm-dl-") as tmp:
         for task in args.tasks.split(","):
-            config = rendered_config(task, Path(tmp))
-            loader = {int(w): loader_rate(config, int(w), args.batches) for w in args.workers.split(",")}
-            rows.append((task, loader, training_rate(config, args.batches)))
+            config = rendered_config(task, Path(tmp), args.chips)
+            loader = {
+                int(w): loader_rate(config, int(w), args.batches, args.single_threaded_workers)
+                for w in args.workers.split(",")
+            }
+            rows.append((task, loader, float("nan") if args.no_training else training_rate(config, args.batches)))
     workers = sorted(rows[0][1])
     print(
         f"{'task':<11}"

@@ -10,6 +10,11 @@ if [ -d .whl ]; then
   export PYTHONPATH="/tmp/site:$PWD"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# The CPUs this container may really use: a 16-core probe saw loader workers bring no gain,
+# so record the affinity and any cgroup CPU quota next to the figures.
+python3 -c "import os; print('cpus: nproc', os.cpu_count(), 'affinity', len(os.sched_getaffinity(0)))"
+cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || true
+df -h /dev/shm | tail -1
 python3 -m pip show timm pandas xarray typing-extensions 2>/dev/null | grep -E '^(Name|Version)' | paste - - || true
 python3 -c "import terratorch, geofm.jobs; print('imports ok, terratorch', terratorch.__version__ if hasattr(terratorch, '__version__') else '')"
 python3 benchmarks/gpu_check.py --out /tmp/gpu_check "$@"

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import snakemake, write_config
+from common import snakemake, warn_if_slurm_client_without_controller, write_config
 
 from geofm import sample_data
 
@@ -54,6 +54,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-preflight", action="store_true")
     args = parser.parse_args()
+    warn_if_slurm_client_without_controller()
     with tempfile.TemporaryDirectory(prefix="geofm-overhead-") as tmp:
         tmp = Path(tmp)
         data = tmp / "data"

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from common import warn_if_slurm_client_without_controller
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args()
+    warn_if_slurm_client_without_controller()
     with tempfile.TemporaryDirectory(prefix="geofm-plan-") as tmp:
         folder = Path(tmp)
         paths = configs(folder, args.models, args.seeds)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, SNAKEMAKE, write_config
+from common import REPO, SNAKEMAKE, warn_if_slurm_client_without_controller, write_config
 
 BROKEN = [
     {"class_path": "terratorch.datasets.transforms.FlattenTemporalIntoChannels"},
@@ -58,6 +58,7 @@ def time_to_error(preflight: bool) -> tuple[float, float]:
 
 
 def main() -> int:
+    warn_if_slurm_client_without_controller()
     print(f"{'preflight':<11}{'error reported after s':>24}{'run ended after s':>20}")
     for preflight in (True, False):
         reported, total = time_to_error(preflight)

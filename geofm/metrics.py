@@ -1,6 +1,6 @@
 """Pinned metric definitions, computed with torchmetrics from each cell's test predictions.
 
-The definitions (DEFINITIONS) are written into every metrics.json and the README, so two
+The definitions (geofm.tasks.DEFINITIONS) are written into every metrics.json and the README, so two
 results can only be compared when they mean the same thing. TerraTorch's own logged test
 metrics are kept beside them, unchanged.
 """
@@ -17,31 +17,6 @@ from geofm.tasks import BIOMASS_BINS, TASKS
 
 IGNORE = -1
 NAN = float("nan")
-
-DEFINITIONS = {
-    "crop": {
-        "mIoU": "headline; mean over the 13 classes of IoU = TP/(TP+FP+FN), pixels labelled 'No Data' "
-        "(ignore index -1) excluded; a class with no pixels in labels or predictions is left out of the mean",
-        "IoU_<class>": "per-class IoU as above",
-        "Acc_<class>": "per-class accuracy (recall) = TP/(TP+FN)",
-        "mAcc": "mean of the per-class accuracies (same exclusions as mIoU)",
-        "pixel_accuracy": "correct / all labelled pixels (micro)",
-    },
-    "landslide": {
-        "landslide_IoU": "headline; IoU of the landslide class only (class 1)",
-        "landslide_F1": "F1 of the landslide class only = 2TP/(2TP+FP+FN) (not pixel accuracy)",
-        "landslide_precision": "TP/(TP+FP) of the landslide class",
-        "landslide_recall": "TP/(TP+FN) of the landslide class",
-        "mIoU": "mean IoU over both classes",
-        "pixel_accuracy": "correct / all labelled pixels (micro)",
-    },
-    "biomass": {
-        "RMSE": "headline; root mean squared error in Mg/ha over labelled pixels (label -1 = no GEDI footprint, excluded)",
-        "MAE": "mean absolute error in Mg/ha over labelled pixels",
-        "R2": "coefficient of determination over labelled pixels",
-        "RMSE_bin_<lo>-<hi>": "RMSE over labelled pixels whose true biomass is in [lo, hi) Mg/ha",
-    },
-}
 
 
 def _bin_name(lo: float, hi: float) -> str:

@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 from geofm.config import Cell
-from geofm.metrics import DEFINITIONS
-from geofm.tasks import TASKS
+from geofm.tasks import DEFINITIONS, TASKS
 
 KEY_METRICS = {
     "crop": ["mIoU", "mAcc", "pixel_accuracy"],

@@ -20,6 +20,33 @@ CROP_CLASSES = [
 ]  # fmt: skip
 LANDSLIDE_CLASSES = ["No landslide", "Landslide"]
 BIOMASS_BINS = [0, 50, 100, 150, 200, 300, 1e9]  # Mg/ha; RMSE is also reported per bin
+
+# The pinned metric definitions, written into every output (here, not in geofm.metrics, so
+# the summary and aggregation steps need not import torch).
+DEFINITIONS = {
+    "crop": {
+        "mIoU": "headline; mean over the 13 classes of IoU = TP/(TP+FP+FN), pixels labelled 'No Data' "
+        "(ignore index -1) excluded; a class with no pixels in labels or predictions is left out of the mean",
+        "IoU_<class>": "per-class IoU as above",
+        "Acc_<class>": "per-class accuracy (recall) = TP/(TP+FN)",
+        "mAcc": "mean of the per-class accuracies (same exclusions as mIoU)",
+        "pixel_accuracy": "correct / all labelled pixels (micro)",
+    },
+    "landslide": {
+        "landslide_IoU": "headline; IoU of the landslide class only (class 1)",
+        "landslide_F1": "F1 of the landslide class only = 2TP/(2TP+FP+FN) (not pixel accuracy)",
+        "landslide_precision": "TP/(TP+FP) of the landslide class",
+        "landslide_recall": "TP/(TP+FN) of the landslide class",
+        "mIoU": "mean IoU over both classes",
+        "pixel_accuracy": "correct / all labelled pixels (micro)",
+    },
+    "biomass": {
+        "RMSE": "headline; root mean squared error in Mg/ha over labelled pixels (label -1 = no GEDI footprint, excluded)",
+        "MAE": "mean absolute error in Mg/ha over labelled pixels",
+        "R2": "coefficient of determination over labelled pixels",
+        "RMSE_bin_<lo>-<hi>": "RMSE over labelled pixels whose true biomass is in [lo, hi) Mg/ha",
+    },
+}
 HOLDOUT_PERCENT = 20  # share of crop training chips held out to select the checkpoint
 
 

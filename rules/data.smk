@@ -27,6 +27,8 @@ rule selection_split:
         f"{LOGS}/selection_split/{{task}}.log",
     wildcard_constraints:
         task="crop",
+    # Cheap steps that unblock the long jobs run first (Snakemake's priority).
+    priority: 20
     conda:
         "../envs/geofm.yaml"
     params:

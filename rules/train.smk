@@ -9,6 +9,8 @@ rule render_config:
         f"{OUT}/{CELL}/config.yaml",
     log:
         f"{LOGS}/render_config/{CELL_NAME}.log",
+    # Cheap steps that unblock the long jobs run first (Snakemake's priority).
+    priority: 20
     conda:
         "../envs/geofm.yaml"
     params:
@@ -31,6 +33,7 @@ rule preflight:
         f"{LOGS}/preflight/{{task}}_{{model}}.log",
     benchmark:
         f"{BENCH}/preflight/{{task}}_{{model}}.tsv"
+    priority: 20
     conda:
         "../envs/geofm.yaml"
     threads: 1
@@ -63,6 +66,8 @@ rule finetune:
         f"{LOGS}/finetune/{CELL_NAME}.log",
     benchmark:
         f"{BENCH}/finetune/{CELL_NAME}.tsv"
+    # Before the cheap per-task and aggregation steps, which fill idle cores instead.
+    priority: 10
     conda:
         "../envs/geofm.yaml"
     threads: 1

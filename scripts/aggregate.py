@@ -9,8 +9,7 @@ from geofm import errors
 sm = snakemake  # noqa: F821 (provided by Snakemake)
 with errors.captured(sm.log[0]):
     from geofm import stats
-    from geofm.metrics import DEFINITIONS
-    from geofm.tasks import TASKS
+    from geofm.tasks import DEFINITIONS, TASKS
 
     cells = []
     for (task, model, seed), path in zip(sm.params.cells, sm.input.metrics):

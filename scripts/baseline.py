@@ -9,8 +9,8 @@ sm = snakemake  # noqa: F821 (provided by Snakemake)
 with errors.captured(sm.log[0]):
     import torch
 
-    from geofm.metrics import DEFINITIONS, trivial_baseline
-    from geofm.tasks import TASKS, labels
+    from geofm.metrics import trivial_baseline
+    from geofm.tasks import DEFINITIONS, TASKS, labels
 
     task, root = sm.wildcards.task, Path(sm.params.data_root)
     splits = Path(sm.input.splits).parent if sm.input.splits else None

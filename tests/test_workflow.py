@@ -10,8 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from geofm.metrics import DEFINITIONS
-from geofm.tasks import TASKS
+from geofm.tasks import DEFINITIONS, TASKS
 
 pytestmark = pytest.mark.e2e
 CELLS = [(task, "tiny", 0) for task in ("crop", "landslide", "biomass")]
