@@ -7,6 +7,7 @@ rule sample_data:
         directory(f"{EXP['sample_data']['root']}/{{task}}"),
     log:
         f"{LOGS}/sample_data/{{task}}.log",
+    priority: 20
     conda:
         "../envs/geofm.yaml"
     params:
@@ -44,6 +45,7 @@ rule fetch_weights:
     log:
         f"{LOGS}/fetch_weights/{{model}}.log",
     retries: 2
+    priority: 20
     conda:
         "../envs/geofm.yaml"
     params:
