@@ -54,26 +54,58 @@ def runtime_settings(trainer: dict, threads: int) -> dict:
     }
 
 
+def _seed_augmentations(dataset, seed: int) -> None:
+    """Albumentations 2 draws from its own generators, seeded from OS entropy unless told, so
+    TerraTorch's augmentations differ run to run even after seed_everything: seed them."""
+    import albumentations
+
+    stack, seen = [dataset], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or not hasattr(obj, "__dict__"):
+            continue
+        seen.add(id(obj))
+        for value in vars(obj).values():
+            if isinstance(value, albumentations.BaseCompose):
+                value.set_random_seed(seed)
+            elif isinstance(value, torch.utils.data.Dataset):
+                stack.append(value)  # e.g. a Subset's dataset
+
+
+def _seed_worker(worker_id: int, chained=None) -> None:
+    # torch gives each worker a seed derived from the (seeded) main RNG, new every epoch.
+    if chained is not None:
+        chained(worker_id)
+    info = torch.utils.data.get_worker_info()
+    _seed_augmentations(info.dataset, info.seed % 2**32)
+
+
 def _tune_loaders(datamodule, rt: dict) -> None:
-    """Apply pin_memory / persistent_workers / prefetch_factor, which not every TerraTorch
-    datamodule exposes, by re-creating its loaders with the same dataset, sampler and collate."""
-    if not (rt["pin_memory"] or rt["num_workers"] > 0):
-        return
+    """Re-create each stage's loader with the same dataset, sampler and collate, adding what not
+    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor) and
+    seeded augmentations, so that a cell re-run gives the same model."""
+    from functools import partial
+
     from torch.utils.data import DataLoader
 
     def wrap(factory):
         def make(*args, **kwargs):
             dl = factory(*args, **kwargs)
+            workers = rt["num_workers"]
+            if workers == 0:
+                _seed_augmentations(dl.dataset, int(torch.randint(2**31, ()).item()))
             return DataLoader(
                 dl.dataset,
                 batch_size=dl.batch_size,
                 sampler=dl.sampler,
-                num_workers=rt["num_workers"],
+                num_workers=workers,
                 collate_fn=dl.collate_fn,
                 drop_last=dl.drop_last,
                 pin_memory=rt["pin_memory"],
                 persistent_workers=rt["persistent_workers"],
                 prefetch_factor=rt["prefetch_factor"],
+                worker_init_fn=partial(_seed_worker, chained=dl.worker_init_fn) if workers else None,
+                generator=dl.generator,
             )
 
         return make

@@ -154,3 +154,26 @@ def test_rerun_does_nothing(default_run, shared_cache):
     result = run_snakemake(workdir, "--dry-run", config={"cache_dir": str(shared_cache)})
     assert result.returncode == 0, result.stderr
     assert "Nothing to be done" in result.stdout + result.stderr or not job_counts(result.stdout)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_rerun_trains_on_the_same_augmented_batches(results, workers):
+    """Albumentations (TerraTorch's augmentations) draws from its own generators, which
+    seed_everything does not reach: unseeded, the crop flips differ between runs of a cell."""
+    import torch
+
+    from geofm.jobs import build_cli, runtime_settings
+
+    config = cell_dir(results, "crop", "tiny", 0) / "config.effective.yaml"
+    trainer = {"accelerator": "cpu", "precision": "32-true", "num_workers": workers, "pin_memory": False,
+               "persistent_workers": True, "prefetch_factor": 2, "tf32": False}  # fmt: skip
+
+    def three_epochs_of_batches():
+        cli = build_cli(config, runtime_settings(trainer, threads=1 + workers))
+        cli.datamodule.setup("fit")
+        loader = cli.datamodule.train_dataloader()
+        return [batch["image"].clone() for _ in range(3) for batch in loader]
+
+    first, second = three_epochs_of_batches(), three_epochs_of_batches()
+    assert len(first) == len(second) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
