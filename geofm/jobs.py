@@ -34,9 +34,9 @@ def runtime_settings(trainer: dict, threads: int) -> dict:
     workers = trainer["num_workers"]
     if workers == "auto":
         # Measured (benchmarks/dataloader.py, gpu_check.py): on CPU the loader alone is ~10x
-        # faster than a training step, and workers only add IPC on 1-2 cores; on a GPU the
-        # loader is the bottleneck (8 workers fed an H100 at ~15% utilisation), so use every
-        # CPU the job has but one.
+        # faster than a training step, so on 1-2 cores a worker would only take a core from
+        # training; a GPU waits for data (8 workers fed an H100 at ~15% utilisation), so use
+        # every CPU the job has but one.
         if cuda:
             workers = max(0, threads - 1)
         else:

@@ -44,8 +44,8 @@ rule fetch_weights:
         f"{CACHE}/weights/{{model}}/backbone.pt",
     log:
         f"{LOGS}/fetch_weights/{{model}}.log",
-    retries: 2
     priority: 20
+    retries: 2
     conda:
         "../envs/geofm.yaml"
     params:
