@@ -22,7 +22,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k, _ in columns) + "</tr>" for r in rows)
-    return f'<table class="geofm-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    # Scrolls inside the report's narrow description column instead of running under its graph.
+    return f'<div style="overflow-x:auto"><table class="geofm-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _image(path: Path, alt: str, width: int = 900) -> str:
@@ -45,14 +46,17 @@ def build(
             interval = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]" if r["ci_low"] is not None else r["ci_note"]
             reference = ""
             if r["reference"] is not None:
-                reference = f"{r['reference']:.4g} ({'ok' if r['within_tolerance'] else 'OUTSIDE tolerance'}, delta {r['delta_to_reference']:+.4g})"
-            headline.append(
-                {**r, "interval": interval, "reference_check": reference, "split": TASKS[r["task"]].test_split}
-            )
+                ok = "within tolerance" if r["within_tolerance"] else "OUTSIDE tolerance"
+                reference = f"{r['reference']:.4g} (Δ {r['delta_to_reference']:+.3g}, {ok})"
+            mean_std = f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] is not None else f"{r['mean']:.4g}"
+            headline.append({**r, "mean_std": mean_std, "interval": interval, "reference_check": reference})
+    splits = "; ".join(f"{t}: {TASKS[t].test_split}" for t in dict.fromkeys(r["task"] for r in headline))
     failed = [f"{r['task']}/{r['model']}/seed{r['seed']}" for r in summary["rows"] if r["status"] != "ok"]
     parts = [
         '<div class="geofm-overview">',
-        "<style>.geofm-table{border-collapse:collapse;margin:8px 0}.geofm-table td,.geofm-table th{border:1px solid #bbb;padding:3px 8px;font-size:13px}.geofm-table th{background:#eee}</style>",
+        # Snakemake's report gives this page a 32rem column beside its rule graph: widen it so the
+        # tables fit (they scroll inside it where they still do not).
+        "<style>.prose.max-w-lg{max-width:52rem}.geofm-table{border-collapse:collapse;margin:8px 0}.geofm-table td,.geofm-table th{border:1px solid #bbb;padding:3px 6px;font-size:13px;white-space:nowrap}.geofm-table th{background:#eee}</style>",
         f"<h2>Experiment {html.escape(experiment)}</h2>",
         f"<p>{html.escape(description)}</p>" if description else "",
         f"<p><b>{summary['cells'] - len(failed)} of {summary['cells']} cells finished</b>"
@@ -66,13 +70,12 @@ def build(
                 ("model", "model"),
                 ("metric", "metric"),
                 ("seeds", "seeds"),
-                ("mean", "mean"),
-                ("std", "std"),
+                ("mean_std", "mean ± std"),
                 ("interval", "95% bootstrap interval"),
                 ("reference_check", "reference"),
-                ("split", "reported split"),
             ],
         ),  # fmt: skip
+        f"<p>Reported splits: {html.escape(splits)}.</p>",
         "<h3>Ranking</h3>",
         f"<p>{html.escape(RANKING_RULE)}</p>",
         _table(
