@@ -27,6 +27,10 @@ SCRATCH = f"{EXP['scratch_dir']}/{NAME}"
 CACHE = EXP["cache_dir"]
 CELL = "{task}/{model}/seed{seed}"
 CELL_NAME = "{task}_{model}_seed{seed}"
+# Scheduling order when cores are scarce: cheap steps that unblock the long jobs first, then
+# the long jobs; per-task extras (baselines, plots, aggregation) fill the idle cores.
+PRIORITY_UNBLOCKS = 20
+PRIORITY_LONG = 10
 CELLS = experiment_config.cells(EXP)
 MODELS = list(EXP["models"])
 

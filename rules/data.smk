@@ -7,7 +7,7 @@ rule sample_data:
         directory(f"{EXP['sample_data']['root']}/{{task}}"),
     log:
         f"{LOGS}/sample_data/{{task}}.log",
-    priority: 20
+    priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
     params:
@@ -28,8 +28,7 @@ rule selection_split:
         f"{LOGS}/selection_split/{{task}}.log",
     wildcard_constraints:
         task="crop",
-    # Cheap steps that unblock the long jobs run first (Snakemake's priority).
-    priority: 20
+    priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
     params:
@@ -44,7 +43,7 @@ rule fetch_weights:
         f"{CACHE}/weights/{{model}}/backbone.pt",
     log:
         f"{LOGS}/fetch_weights/{{model}}.log",
-    priority: 20
+    priority: PRIORITY_UNBLOCKS
     retries: 2
     conda:
         "../envs/geofm.yaml"

@@ -15,7 +15,7 @@ rule evaluate:
         f"{LOGS}/evaluate/{CELL_NAME}.log",
     benchmark:
         f"{BENCH}/evaluate/{CELL_NAME}.tsv"
-    priority: 10
+    priority: PRIORITY_LONG
     conda:
         "../envs/geofm.yaml"
     threads: 1

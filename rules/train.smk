@@ -9,8 +9,7 @@ rule render_config:
         f"{OUT}/{CELL}/config.yaml",
     log:
         f"{LOGS}/render_config/{CELL_NAME}.log",
-    # Cheap steps that unblock the long jobs run first (Snakemake's priority).
-    priority: 20
+    priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
     params:
@@ -33,7 +32,7 @@ rule preflight:
         f"{LOGS}/preflight/{{task}}_{{model}}.log",
     benchmark:
         f"{BENCH}/preflight/{{task}}_{{model}}.tsv"
-    priority: 20
+    priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
     threads: 1
@@ -66,8 +65,7 @@ rule finetune:
         f"{LOGS}/finetune/{CELL_NAME}.log",
     benchmark:
         f"{BENCH}/finetune/{CELL_NAME}.tsv"
-    # Before the cheap per-task and aggregation steps, which fill idle cores instead.
-    priority: 10
+    priority: PRIORITY_LONG
     conda:
         "../envs/geofm.yaml"
     threads: 1
