@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from geofm.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always used with fullmatch
+MAX_CELLS = 10_000  # cells per experiment unless the operator allows more (refused before planning)
+MAX_CONFIG_BYTES = 256 * 1024  # a submitted config larger than this is refused unread
 OVERRIDE_PATHS = {
     "max_epochs": "trainer.max_epochs",
     "batch_size": "data.init_args.batch_size",
@@ -97,20 +100,79 @@ def validate_schema(raw: dict) -> dict:
 
 
 def _check_name(key: str, value: str) -> None:
-    if not SAFE_NAME.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or value in (".", ".."):
         raise ConfigError(
             f"{key}: {value!r} is not a safe folder name; fix: use 1-64 letters, digits, "
             "'.', '_' or '-', starting with a letter or digit"
         )
 
 
-def resolve(raw: dict, root: Path | str = ".", check_data: bool = True) -> dict:
-    """Validate a config and resolve paths and defaults; raise ConfigError on the first problem."""
+# Top-level entries a run may write into (everything else in the workflow folder is code).
+OUTPUT_ENTRIES = ("results", "scratch", "resources")
+ALWAYS_PROTECTED = (".git", ".dvc", ".venv", ".tools", ".snakemake")
+
+
+def _protected_entries() -> set[str]:
+    """Top-level entries of the workflow folder that outputs must never touch: what git tracks
+    (or, outside a git checkout, whatever is there) and the tool folders, except results/ etc."""
+    try:
+        listed = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "ls-files", "-z"], capture_output=True, timeout=30, check=True
+        ).stdout.decode()
+        names = {f.split("/", 1)[0] for f in listed.split("\0") if f}
+    except (OSError, subprocess.SubprocessError):
+        names = set()
+    if not names:
+        names = {p.name for p in REPO_ROOT.iterdir()}
+    return (names | set(ALWAYS_PROTECTED)) - set(OUTPUT_ENTRIES)
+
+
+def _check_outputs(config: dict, root: Path) -> None:
+    """Outputs may not overlap the workflow's own files (a results commit would replace them)."""
+    repo = REPO_ROOT.resolve()
+    protected = None
+    outputs = [
+        ("results_dir", Path(config["results_dir"]) / config["experiment"]),
+        ("scratch_dir", Path(config["scratch_dir"]) / config["experiment"]),
+        ("cache_dir", Path(config["cache_dir"])),
+        ("sample_data.root", Path(config["sample_data"]["root"])),
+    ]
+    for key, path in outputs:
+        target = (root / path).resolve()
+        if target == repo or repo.is_relative_to(target):
+            raise ConfigError(
+                f"{key}: {path} would hold the workflow's own folder {repo}; fix: use a folder such as "
+                f"{OUTPUT_ENTRIES[0] if key == 'results_dir' else 'scratch'}/ (the default)"
+            )
+        if target.is_relative_to(repo):
+            first = target.relative_to(repo).parts[0]
+            protected = _protected_entries() if protected is None else protected
+            if first in protected:
+                raise ConfigError(
+                    f"{key}: {path} overlaps the workflow's own {first!r}; fix: keep outputs under "
+                    f"{', '.join(e + '/' for e in OUTPUT_ENTRIES)} or outside the workflow folder"
+                )
+
+
+def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cells: int = MAX_CELLS) -> dict:
+    """Validate a config and resolve paths and defaults; raise ConfigError on the first problem.
+
+    `max_cells` bounds task x model x seed before anything is planned (the watcher's operator
+    may allow more).
+    """
     root = Path(root)
     config = validate_schema(raw)
     _check_name("experiment", config["experiment"])
     for name in config["models"]:
         _check_name(f"models.{name}", name)
+    n_tasks = sum(1 for t in config["tasks"].values() if t.get("enabled", True))
+    n_cells = n_tasks * len(config["models"]) * len(config["seeds"])
+    if n_cells > max_cells:
+        raise ConfigError(
+            f"seeds x models x tasks: {len(config['seeds'])} x {len(config['models'])} x {n_tasks} = {n_cells} "
+            f"cells, more than the {max_cells} allowed; fix: split the experiment (or ask the operator to raise the limit)"
+        )
+    _check_outputs(config, root)
     enabled = [t for t in TASKS if config["tasks"][t]["enabled"]]
     if not enabled:
         raise ConfigError("tasks: every task is disabled; fix: set enabled: true for at least one")
@@ -163,6 +225,56 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True) -> dict:
             model["neck_indices"] = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
     config["enabled_tasks"] = enabled
     return config
+
+
+def parse_untrusted(data: bytes, where: str = "config", max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A config that arrived from outside (a bucket, a submitted commit), as plain data.
+
+    Refused with one line (ConfigError): more than `max_bytes`, not UTF-8, not YAML, not a
+    mapping, any anchor or alias (alias bombs; and what is checked must be what runs), and
+    `__use_yte__` (Snakemake would evaluate `?expr` values as Python). The result is plain
+    JSON-compatible data: write it as JSON (`write_json`) and pass that file to Snakemake,
+    which never evaluates JSON config files.
+    """
+    if len(data) > max_bytes:
+        raise ConfigError(f"{where}: {len(data)} bytes, more than the {max_bytes} allowed; fix: trim the config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text; fix: save the config as UTF-8") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ConfigError(
+                    f"{where}: YAML anchors and aliases are not accepted in a submitted config; "
+                    "fix: write the values out in full"
+                )
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]}); fix: correct the syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: not a mapping of settings; fix: see config/schema.yaml")
+    if "__use_yte__" in raw or "__definitions__" in raw:
+        raise ConfigError(
+            f"{where}: __use_yte__: YTE templates (Python in '?' values) are not accepted in a submitted "
+            "config; fix: write plain values"
+        )
+    try:  # plain data only: anything that does not survive JSON is refused
+        return json.loads(json.dumps(raw, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{where}: holds values that are not plain data ({e}); fix: use strings and numbers"
+        ) from None
+
+
+def write_json(config: dict, path: Path | str) -> Path:
+    """The validated config as JSON, the form handed to Snakemake (no YAML, no YTE)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return path
 
 
 def load(path: Path | str, root: Path | str = ".", check_data: bool = True) -> dict:
