@@ -8,17 +8,14 @@ import base64
 import html
 from pathlib import Path
 
+from geofm import formatting
 from geofm.stats import RANKING_RULE
 from geofm.tasks import TASKS
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     def cell(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
+        return html.escape(formatting.value(v))
 
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k, _ in columns) + "</tr>" for r in rows)

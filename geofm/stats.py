@@ -15,10 +15,10 @@ import numpy as np
 from geofm.tasks import TASKS
 
 RANKING_RULE = (
-    "Models are ranked per task by the seed mean of the task's headline metric "
-    "(crop mIoU and landslide IoU: higher is better; biomass RMSE: lower is better; ties share "
-    "the mean rank); the overall rank orders models by the mean of their per-task ranks over "
-    "the tasks they were evaluated on."
+    "Models are ranked per task by the seed mean of the task's headline metric ("
+    + "; ".join(f"{name} {t.headline}: {t.direction}" for name, t in TASKS.items())
+    + "; ties share the mean rank); the overall rank orders models by the mean of their per-task "
+    "ranks over the tasks they were evaluated on."
 )
 ONE_SEED = "1 seed: no interval"
 
@@ -160,18 +160,3 @@ def compare(a_cells: list[dict], b_cells: list[dict], bootstrap: dict) -> list[d
             "note": "" if ci else "fewer than 2 seeds on a side: no interval, never significant",
         })  # fmt: skip
     return rows
-
-
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table (for papers and READMEs)."""
-
-    def fmt(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"

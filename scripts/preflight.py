@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0], sm.params.err, stage="preflight", cell=sm.params.cell):
-    from geofm import jobs
+with evidence.captured(sm.log[0], sm.params.err, stage="preflight", cell=sm.params.cell):
+    from geofm import training
 
-    jobs.preflight(
+    training.preflight(
         Path(sm.input.config),
         Path(sm.params.run_dir),
         sm.params.task,

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from geofm import errors, render
+from geofm import evidence, render
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     settings = sm.params.settings
     paths = {
         "data_root": str(Path(settings["data_root"]).resolve()),

@@ -10,7 +10,8 @@ import pytest
 import rasterio
 
 from geofm import sample_data
-from geofm.tasks import TASKS, crop_selection_split, read_ids
+from geofm.tasks import TASKS
+from geofm.tasks.base import read_ids
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,9 @@ def test_labels_carry_a_learnable_signal(data):
 
 
 def test_crop_holdout_is_deterministic_and_disjoint(data):
-    a = crop_selection_split(data / "crop")
-    b = crop_selection_split(data / "crop")
+    crop = TASKS["crop"]
+    a = crop.holdout_split(data / "crop")
+    b = crop.holdout_split(data / "crop")
     assert a == b and a["select"]
     assert not set(a["select"]) & set(a["train"])
     assert set(a["select"]) | set(a["train"]) == set(read_ids(data / "crop" / "training_data.txt"))

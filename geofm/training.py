@@ -18,11 +18,10 @@ os.environ.setdefault("LIGHTLY_DID_VERSION_CHECK", "True")  # avoids a DNS looku
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from geofm.metrics import PinnedMetrics  # noqa: E402
-from geofm.resources import Monitor, Throughput  # noqa: E402
-from geofm.tasks import TASKS  # noqa: E402
+from geofm.tasks import SEGMENTATION, TASKS  # noqa: E402
+from geofm.usage import Monitor, Throughput  # noqa: E402
 
 
 def runtime_settings(trainer: dict, threads: int) -> dict:
@@ -168,7 +167,7 @@ def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     rt = runtime_settings(trainer, threads)
     with Monitor() as monitor:
-        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.resources.Throughput"])
+        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.usage.Throughput"])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     callback = cli.trainer.checkpoint_callback
     if not callback or not callback.best_model_path:
@@ -198,8 +197,8 @@ def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict
 def _predict(cli, task: str, max_batches: int | None = None):
     """Inference over the test loader with the datamodule's normalisation applied.
 
-    TerraTorch's `predict` writer cannot handle the crop and landslide datamodules (their
-    samples carry no file name), so predictions are collected here.
+    TerraTorch's `predict` writer cannot handle datamodules whose samples carry no file name
+    (several of TerraTorch's dataset-specific ones), so predictions are collected here.
     """
     trainer, dm, model = cli.trainer, cli.datamodule, cli.model
     dm.setup("test")
@@ -217,7 +216,7 @@ def _predict(cli, task: str, max_batches: int | None = None):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch = dm.on_after_batch_transfer(batch, 0)
                 output = model(batch["image"]).output
-                if spec.kind == "segmentation":
+                if spec.kind == SEGMENTATION:
                     pred = output.argmax(1).to(torch.int8)
                 else:
                     pred = output.squeeze(1).float()
@@ -225,7 +224,7 @@ def _predict(cli, task: str, max_batches: int | None = None):
                 target = target.squeeze(1) if target.ndim == 4 else target
                 metrics.update(pred, target)
                 preds.append(pred.cpu().numpy())
-                targets.append(target.cpu().numpy().astype(np.int8 if spec.kind == "segmentation" else np.float32))
+                targets.append(target.cpu().numpy().astype(np.int8 if spec.kind == SEGMENTATION else np.float32))
     finally:
         trainer.testing = False
     files = [str(f) for f in getattr(dm.test_dataset, "image_files", [])]
@@ -264,7 +263,3 @@ def preflight(config: Path, run_dir: Path, task: str, trainer: dict, threads: in
         raise RuntimeError("the test split yielded no batch")
     report = monitor.report(runtime=rt, stages=["fit", "validate", "test", "predict"], predicted=int(len(preds)))
     out.write_text(json.dumps(report, indent=2))
-
-
-def load_yaml(path: Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())

@@ -1,0 +1,172 @@
+"""Every registered task is complete: its hooks, its sample data (read by TerraTorch through the
+task's own recipe), one batch of training through it; and generic code never names a task."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, VENV_BIN
+
+from geofm import config as experiment_config
+from geofm import render, sample_data
+from geofm.tasks import REGRESSION, SEGMENTATION, TASKS
+from geofm.tasks.base import Task, write_split_lists
+
+HOOKS = ("check_layout", "split_files", "labels", "rgb_panels", "write_sample")
+HOLDOUT_HOOKS = ("training_ids", "test_ids")
+CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers": 0, "pin_memory": False,
+       "persistent_workers": False, "prefetch_factor": 2, "tf32": False}  # fmt: skip
+
+
+def overridden(task: Task, hook: str) -> bool:
+    return getattr(type(task), hook) is not getattr(Task, hook)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_has_every_hook_and_field(name):
+    task = TASKS[name]
+    assert task.name == name and task.title and task.kind in (SEGMENTATION, REGRESSION)
+    for hook in HOOKS + (HOLDOUT_HOOKS if task.holdout else ()):
+        assert overridden(task, hook), f"{name} does not implement {hook}"
+    assert task.headline in task.definitions and task.headline == task.key_metrics[0]
+    assert len(task.key_metrics) == 3 and task.selection_split and task.test_split
+    assert task.recipe.is_file(), f"{name}: no recipe at {task.recipe}"
+    assert task.selection_metric.startswith("val/")
+    if task.kind == SEGMENTATION:
+        assert len(task.class_names) >= 2
+        if task.positive_class is not None:
+            assert f"{task.positive_name}_IoU" in task.definitions
+    else:
+        assert task.units and len(task.value_bins) >= 2
+    assert task.sample_counts
+
+
+def test_schema_and_config_take_task_names_from_the_registry():
+    schema = experiment_config.schema()
+    assert set(schema["properties"]["tasks"]["properties"]) == set(TASKS)
+    model = schema["$defs"]["model"]["properties"]
+    assert set(model["task_overrides"]["properties"]) == set(TASKS) == set(model["reference"]["properties"])
+    default = experiment_config.validate_schema({})
+    assert {t: default["tasks"][t]["enabled"] for t in TASKS} == {t: TASKS[t].default_enabled for t in TASKS}
+
+
+def test_generic_code_never_names_a_task():
+    """The task modules are the only place that knows a task: no branch, list or text elsewhere."""
+    names = "|".join(re.escape(n) for n in TASKS) + "|crop|landslide|biomass"
+    pattern = re.compile(rf"\b({names})\b", re.IGNORECASE)
+    paths = [p for p in (REPO / "geofm").rglob("*.py") if "tasks" not in p.relative_to(REPO / "geofm").parts]
+    paths += list((REPO / "rules").glob("*.smk")) + list((REPO / "scripts").glob("*.py"))
+    paths += [REPO / "Snakefile", REPO / "config" / "schema.yaml"]
+    hits = [
+        f"{p.relative_to(REPO)}:{i}: {line.strip()}"
+        for p in paths
+        for i, line in enumerate(p.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert not hits, "task names outside geofm/tasks/:\n" + "\n".join(hits)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    for name in TASKS:
+        sample_data.write(name, root / name, seed=0)
+    return root
+
+
+def rendered(task: Task, data: Path, work: Path, cache: Path) -> Path:
+    """The task's bundled recipe rendered for the sample data, as the render_config rule does."""
+    raw = {"tasks": {t: {"enabled": t == task.name} for t in TASKS}, "cache_dir": str(cache)}
+    raw["tasks"][task.name].update(data_root=str(data), overrides={"max_epochs": 1, "batch_size": 2})
+    experiment = experiment_config.resolve(raw, root=REPO)
+    splits = work / "splits"
+    if task.holdout:
+        write_split_lists(task.holdout_split(data), splits)
+    settings = experiment_config.cell_settings(experiment, task.name, "tiny", 0)
+    paths = {"data_root": str(data), "run_dir": str(work / "run"), "splits_dir": str(splits), "ckpt_path": None}
+    config = render.render(task.recipe.read_text(), {**settings, "trainer": CPU}, paths)
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_sample_data_passes_its_layout_check_and_the_checks_catch_a_broken_copy(name, samples, tmp_path):
+    task = TASKS[name]
+    assert task.check_layout(samples / name) is None
+    files = task.split_files(samples / name)
+    assert files and all(f.is_file() for split in files.values() for f in split)
+    assert task.check_layout(tmp_path / "nowhere") is not None
+    assert "fix:" in task.check_layout(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_labels_and_drawing_hooks_work_on_the_sample_data(name, samples, tmp_path):
+    task = TASKS[name]
+    splits = None
+    if task.holdout:
+        splits = tmp_path / "splits"
+        write_split_lists(task.holdout_split(samples / name), splits)
+    train = list(task.labels(samples / name, "train", splits))
+    test = list(task.labels(samples / name, "test", splits))
+    assert train and test
+    labelled = np.concatenate([t[t != -1] for t in train])
+    if task.kind == SEGMENTATION:
+        assert set(np.unique(labelled).astype(int)) <= set(range(len(task.class_names)))
+    first_image = sorted(task.split_files(samples / name).values())[0][0]
+    panels = task.rgb_panels(first_image)
+    assert panels and all(p.ndim == 3 and p.shape[-1] == 3 and 0 <= p.min() and p.max() <= 1 for _, p in panels)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_terratorch_reads_the_sample_data_and_trains_one_batch(name, samples, tmp_path, shared_cache):
+    """Through the task's own recipe and TerraTorch's own datamodule: every split yields a sample,
+    and one batch of each stage runs (the workflow's preflight)."""
+    from geofm import training
+
+    task = TASKS[name]
+    config = rendered(task, samples / name, tmp_path, shared_cache)
+    cli = training.build_cli(config, training.runtime_settings(CPU, threads=1))
+    dm = cli.datamodule
+    dm.setup("fit")
+    dm.setup("test")
+    for dataset in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        assert len(dataset) > 0
+        sample = dataset[0]
+        assert sample["image"].ndim >= 3 and sample["mask"].ndim >= 2
+    out = tmp_path / "preflight.json"
+    training.preflight(config, tmp_path / "preflight", name, CPU, 1, out)
+    report = json.loads(out.read_text())
+    assert report["stages"] == ["fit", "validate", "test", "predict"] and report["predicted"] > 0
+
+
+def test_registry_finds_a_task_module_without_any_generic_edit(tmp_path):
+    """A task in another package registers itself through the `geofm.tasks` entry-point group."""
+    package = tmp_path / "extra_tasks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "toy.py").write_text(
+        "from geofm.tasks.landslide import Landslide\n"
+        "import dataclasses\n"
+        "from geofm.tasks.landslide import TASK as BASE\n"
+        "TASK = dataclasses.replace(BASE, name='toy', title='A toy task')\n"
+    )
+    dist = tmp_path / "extra_tasks-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-tasks\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[geofm.tasks]\ntoy = extra_tasks.toy\n")
+    code = "from geofm.tasks import TASKS; print(sorted(TASKS))"
+    out = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "toy" in out.stdout and all(name in out.stdout for name in TASKS)
