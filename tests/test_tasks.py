@@ -170,3 +170,44 @@ def test_registry_finds_a_task_module_without_any_generic_edit(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "toy" in out.stdout and all(name in out.stdout for name in TASKS)
+
+
+@pytest.fixture(scope="module")
+def burn_scars_run(tmp_path_factory, shared_cache):
+    """The fourth task, end to end on its sample data (it is off in the default experiment)."""
+    from conftest import run_snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("burn_scars")
+    tasks = {name: {"enabled": False} for name in TASKS}
+    tasks["burn_scars"] = {"enabled": True, "overrides": {"max_epochs": 1, "batch_size": 2, "lr": 1.0e-3}}
+    config = write_config(
+        workdir / "config.yaml", experiment="burn", tasks=tasks, preflight=False,
+        predictions={"samples": 1}, cache_dir=str(shared_cache),
+    )  # fmt: skip
+    result = run_snakemake(workdir, "--cores", "2", configfile=config, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir / "results" / "burn"
+
+
+@pytest.mark.e2e
+def test_burn_scars_cell_runs_end_to_end_with_honest_splits(burn_scars_run):
+    import csv
+
+    from PIL import Image
+
+    task = TASKS["burn_scars"]
+    cell = burn_scars_run / "out" / "burn_scars" / "tiny" / "seed0"
+    pinned = json.loads((cell / "metrics.json").read_text())["pinned"]
+    assert 0 <= pinned["burned_IoU"] <= 1 and "burned_F1" in pinned and "mIoU" in pinned
+    pngs = list((burn_scars_run / "predictions" / "burn_scars" / "tiny" / "seed0").glob("*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size[0] > 100
+    (row,) = csv.DictReader(open(burn_scars_run / "out" / "summary.csv"))
+    assert (row["task"], row["status"], row["headline_metric"]) == ("burn_scars", "ok", "burned_IoU")
+    assert row["test_split"] == task.test_split and "validation" in row["test_split"]
+    assert row["selection_split"] == task.selection_split and "hold-out" in row["selection_split"]
+    data = yaml.safe_load((cell / "config.yaml").read_text())["data"]["init_args"]
+    assert data["val_split"].endswith("select.txt") and data["test_split"].endswith("test.txt")
+    assert data["val_data_root"].endswith("training") and data["test_data_root"].endswith("validation")
+    splits = burn_scars_run / "out" / "splits" / "burn_scars"
+    select, test = (set((splits / f"{n}.txt").read_text().split()) for n in ("select", "test"))
+    assert select and test and not select & test
