@@ -20,6 +20,21 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOLDOUT_PERCENT = 20  # share of training chips held out to select the checkpoint (holdout tasks)
 SEGMENTATION, REGRESSION = "segmentation", "regression"
+# Split labels shared by the tasks without a usable validation split upstream.
+HOLDOUT_SPLIT = f"hold-out of {HOLDOUT_PERCENT}% of the official training chips (by chip-id hash)"
+VALIDATION_AS_TEST = "official validation chips (the dataset has no test split)"
+
+
+def positive_class_definitions(prefix: str, what: str, index: int = 1) -> dict[str, str]:
+    """The pinned metrics of a binary segmentation task reported on its positive class."""
+    return {
+        f"{prefix}_IoU": f"headline; IoU of the {what} class only (class {index}); ignored pixels (label -1) excluded",
+        f"{prefix}_F1": f"F1 of the {what} class only = 2TP/(2TP+FP+FN) (not pixel accuracy)",
+        f"{prefix}_precision": f"TP/(TP+FP) of the {what} class",
+        f"{prefix}_recall": f"TP/(TP+FN) of the {what} class",
+        "mIoU": "mean IoU over both classes",
+        "pixel_accuracy": "correct / all labelled pixels (micro)",
+    }
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ import numpy as np
 
 from geofm.tasks.base import (
     GTIFF,
-    HOLDOUT_PERCENT,
+    HOLDOUT_SPLIT,
     SEGMENTATION,
+    VALIDATION_AS_TEST,
     Task,
     blobs,
     need_dir,
@@ -156,8 +157,8 @@ TASK = Crop(
         "mAcc": "mean of the per-class accuracies (same exclusions as mIoU)",
         "pixel_accuracy": "correct / all labelled pixels (micro)",
     },
-    selection_split=f"hold-out of {HOLDOUT_PERCENT}% of the official training chips (by chip-id hash)",
-    test_split="official validation chips (the dataset has no test split)",
+    selection_split=HOLDOUT_SPLIT,
+    test_split=VALIDATION_AS_TEST,
     dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/multi-temporal-crop-classification",
     holdout=True,
     class_names=CLASSES,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geofm.tasks.base import SEGMENTATION, Task, need_dir, smooth_field, stretch
+from geofm.tasks.base import SEGMENTATION, Task, need_dir, positive_class_definitions, smooth_field, stretch
 
 SPLITS = ("train", "validation", "test")
 SIZE = 128
@@ -86,14 +86,7 @@ TASK = Landslide(
     headline="landslide_IoU",
     higher_is_better=True,
     key_metrics=("landslide_IoU", "landslide_F1", "mIoU"),
-    definitions={
-        "landslide_IoU": "headline; IoU of the landslide class only (class 1)",
-        "landslide_F1": "F1 of the landslide class only = 2TP/(2TP+FP+FN) (not pixel accuracy)",
-        "landslide_precision": "TP/(TP+FP) of the landslide class",
-        "landslide_recall": "TP/(TP+FN) of the landslide class",
-        "mIoU": "mean IoU over both classes",
-        "pixel_accuracy": "correct / all labelled pixels (micro)",
-    },
+    definitions=positive_class_definitions("landslide", "landslide"),
     selection_split="official validation split",
     test_split="official test split",
     dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/Landslide4sense",
