@@ -27,7 +27,8 @@ def _size(folder: Path) -> int:
 
 
 def test_small_and_seeded(data, tmp_path):
-    assert _size(data) < 50 * 2**20
+    assert sum(_size(data / t) for t, spec in TASKS.items() if spec.default_enabled) < 50 * 2**20
+    assert all(_size(data / t) < 20 * 2**20 for t in TASKS)
     sample_data.write("landslide", tmp_path / "again", seed=0)
     a = h5py.File(data / "landslide" / "images" / "train" / "image_1.h5")["img"][:]
     b = h5py.File(tmp_path / "again" / "images" / "train" / "image_1.h5")["img"][:]

@@ -18,7 +18,7 @@ from geofm import render, sample_data
 from geofm.tasks import REGRESSION, SEGMENTATION, TASKS
 from geofm.tasks.base import Task, write_split_lists
 
-HOOKS = ("check_layout", "split_files", "labels", "rgb_panels", "write_sample")
+HOOKS = ("check_layout", "files", "labels", "rgb_panels", "write_sample")
 HOLDOUT_HOOKS = ("training_ids", "test_ids")
 CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers": 0, "pin_memory": False,
        "persistent_workers": False, "prefetch_factor": 2, "tf32": False}  # fmt: skip
@@ -45,6 +45,7 @@ def test_every_task_has_every_hook_and_field(name):
     else:
         assert task.units and len(task.value_bins) >= 2
     assert task.sample_counts
+    assert task.image_format and task.label_format and task.selection_mode in ("max", "min")
 
 
 def test_schema_and_config_take_task_names_from_the_registry():

@@ -38,6 +38,37 @@ def positive_class_definitions(prefix: str, what: str, index: int = 1) -> dict[s
 
 
 @dataclass(frozen=True)
+class FileFormat:
+    """What every image or label file of a dataset is (checked file by file before training)."""
+
+    reader: str  # "tif" (rasterio) or "h5" (h5py)
+    bands: int
+    dtype: str  # numpy dtype name, e.g. "int16"
+    shape: tuple[int, int]  # height, width
+    key: str = ""  # h5: the dataset inside the file
+    channels_last: bool = False  # h5: height x width x bands
+    georeferenced: bool = False  # tif: has a CRS and pixel size, the same within the dataset
+    nodata: float | None = None  # tif: the nodata value the file must declare (None: none)
+    values: tuple[float, ...] | None = None  # labels: the only values allowed
+    minimum: float | None = None  # labels: values below this are an error, except `values`
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """One official split of a dataset as it sits on disk: paired images and labels, and the
+    chip ids its list file names (None when the split has no list file)."""
+
+    images: list[Path]
+    labels: list[Path]
+    list_file: Path | None = None
+    listed: list[str] | None = None
+
+    @property
+    def all(self) -> list[Path]:
+        return self.images + self.labels + ([self.list_file] if self.list_file else [])
+
+
+@dataclass(frozen=True)
 class Task:
     """A downstream task. Subclasses set the fields and override the hooks below."""
 
@@ -58,6 +89,10 @@ class Task:
     value_bins: tuple[float, ...] = ()  # regression: RMSE is also reported per true-value range
     units: str = ""
     selection_metric: str = ""  # the metric the bundled recipe's checkpoint callback monitors
+    selection_mode: str = "max"  # whether a higher or lower selection_metric is better
+    image_format: FileFormat | None = None
+    label_format: FileFormat | None = None
+    split_labels: dict[str, str] = field(default_factory=dict)  # official split -> its label
     default_enabled: bool = True  # on in an experiment that does not mention the task
     sample_counts: dict[str, int] = field(default_factory=dict)  # chips per split of the sample data
     sample_stream: int | None = None  # random stream of the sample data (default: from the name)
@@ -72,9 +107,17 @@ class Task:
         """Why `root` is not this dataset's on-disk layout ('<problem>; fix: <what>'), or None."""
         raise NotImplementedError
 
+    def files(self, root: Path) -> dict[str, SplitFiles]:
+        """The dataset's files per official split, images paired with their labels."""
+        raise NotImplementedError
+
     def split_files(self, root: Path) -> dict[str, list[Path]]:
         """Every file of the dataset, per official split (for the dataset manifest)."""
-        raise NotImplementedError
+        return {split: files.all for split, files in self.files(root).items()}
+
+    def split_label(self, split: str) -> str:
+        """How an official split is named in every output."""
+        return self.split_labels.get(split, f"official {split} split")
 
     def training_ids(self, root: Path) -> list[str]:
         """Chip ids of the official training split (holdout tasks: carved into train/select)."""

@@ -15,7 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from geofm.tasks.base import GTIFF, REGRESSION, Task, need_dir, pairs_problem, read_tif_label, smooth_field, stretch
+from geofm.tasks.base import (
+    GTIFF,
+    REGRESSION,
+    FileFormat,
+    SplitFiles,
+    Task,
+    need_dir,
+    pairs_problem,
+    read_tif_label,
+    smooth_field,
+    stretch,
+)
 
 SPLITS = ("train", "val", "test")
 IMAGE, LABEL = "_img.tif", "_label.tif"
@@ -40,11 +51,15 @@ class Biomass(Task):
                 return problem
         return None
 
-    def split_files(self, root: Path) -> dict[str, list[Path]]:
-        return {
-            s: sorted((root / f"{s}_images").glob(f"*{IMAGE}")) + sorted((root / f"{s}_labels").glob(f"*{LABEL}"))
-            for s in SPLITS
-        }
+    def files(self, root: Path) -> dict[str, SplitFiles]:
+        out = {}
+        for split in SPLITS:
+            stems = [p.name.removesuffix(IMAGE) for p in sorted((root / f"{split}_images").glob(f"*{IMAGE}"))]
+            out[split] = SplitFiles(
+                [root / f"{split}_images" / f"{s}{IMAGE}" for s in stems],
+                [root / f"{split}_labels" / f"{s}{LABEL}" for s in stems],
+            )
+        return out
 
     def labels(self, root: Path, split: str, splits_dir: Path | None = None):
         for path in sorted((root / f"{split}_labels").glob(f"*{LABEL}")):
@@ -117,6 +132,11 @@ TASK = Biomass(
     value_bins=(0, 50, 100, 150, 200, 300, 1e9),
     units="Mg/ha",
     selection_metric="val/RMSE",
+    selection_mode="min",
+    image_format=FileFormat("tif", bands=11, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, nodata=-9999),
+    label_format=FileFormat(
+        "tif", bands=1, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, nodata=-1, values=(-1,), minimum=0
+    ),
     sample_counts={"train": 10, "val": 3, "test": 3},
     sample_stream=2,  # the stream of the published sample numbers
 )

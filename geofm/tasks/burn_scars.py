@@ -22,6 +22,8 @@ from geofm.tasks.base import (
     HOLDOUT_SPLIT,
     SEGMENTATION,
     VALIDATION_AS_TEST,
+    FileFormat,
+    SplitFiles,
     Task,
     need_dir,
     positive_class_definitions,
@@ -68,8 +70,13 @@ class BurnScars(Task):
                 )
         return None
 
-    def split_files(self, root: Path) -> dict[str, list[Path]]:
-        return {rel: _images(root / rel) + _masks(root / rel) for rel in SPLITS.values()}
+    def files(self, root: Path) -> dict[str, SplitFiles]:
+        out = {}
+        for rel in SPLITS.values():
+            masks = {_stem(m): m for m in _masks(root / rel)}
+            images = _images(root / rel)
+            out[rel] = SplitFiles(images, [masks.get(_stem(i), root / rel / f"{_stem(i)}.mask.tif") for i in images])
+        return out
 
     def training_ids(self, root: Path) -> list[str]:
         return [_stem(p) for p in _images(root / SPLITS["train"])]
@@ -116,7 +123,8 @@ class BurnScars(Task):
                 mask = (field > np.quantile(field, 0.75)).astype(np.int16)  # ~25% burned
                 mask[-6:, :] = -1  # a strip without data, as at real scene edges
                 image = np.where((mask == 1)[..., None], burned, unburned)
-                image = (image + rng.normal(0, 0.01, image.shape)).clip(0, 1).astype(np.float32)
+                # reflectance to 3 decimals: compresses well, keeps the sample data small
+                image = np.round((image + rng.normal(0, 0.01, image.shape)).clip(0, 1), 3).astype(np.float32)
                 profile = dict(GTIFF, width=SIZE, height=SIZE, crs="EPSG:32610",
                                transform=from_origin(rng.uniform(3e5, 7e5), rng.uniform(3.8e6, 4.6e6), 30, 30))  # fmt: skip
                 with rasterio.open(folder / f"{stem}{IMAGE}", "w", count=6, dtype="float32", **profile) as f:
@@ -141,6 +149,9 @@ TASK = BurnScars(
     positive_class=1,
     positive_name="burned",
     selection_metric="val/mIoU",
+    image_format=FileFormat("tif", bands=6, dtype="float32", shape=(SIZE, SIZE), georeferenced=True),
+    label_format=FileFormat("tif", bands=1, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, values=(-1, 0, 1)),
+    split_labels={"training": "official training chips", "validation": VALIDATION_AS_TEST},
     default_enabled=False,  # the default experiment keeps its three tasks and its run time
     sample_counts={"training": 6, "validation": 2},
 )

@@ -24,6 +24,8 @@ from geofm.tasks.base import (
     HOLDOUT_SPLIT,
     SEGMENTATION,
     VALIDATION_AS_TEST,
+    FileFormat,
+    SplitFiles,
     Task,
     blobs,
     need_dir,
@@ -63,11 +65,15 @@ class Crop(Task):
                 return problem
         return None
 
-    def split_files(self, root: Path) -> dict[str, list[Path]]:
+    def files(self, root: Path) -> dict[str, SplitFiles]:
         out = {}
         for split, rel in SPLITS.items():
-            out[split] = sorted((root / rel).glob(f"*{IMAGE}")) + sorted((root / rel).glob(f"*{MASK}"))
-            out[split].append(root / f"{split}_data.txt")
+            folder, list_file = root / rel, root / f"{split}_data.txt"
+            ids = _chip_ids(folder)
+            listed = read_ids(list_file) if list_file.is_file() else []
+            out[split] = SplitFiles(
+                [folder / f"{c}{IMAGE}" for c in ids], [folder / f"{c}{MASK}" for c in ids], list_file, listed
+            )
         return out
 
     def training_ids(self, root: Path) -> list[str]:
@@ -163,6 +169,11 @@ TASK = Crop(
     holdout=True,
     class_names=CLASSES,
     selection_metric="val/mIoU",
+    image_format=FileFormat("tif", bands=18, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, nodata=-9999),
+    label_format=FileFormat(
+        "tif", bands=1, dtype="uint8", shape=(SIZE, SIZE), georeferenced=True, values=tuple(range(14))
+    ),
+    split_labels={"training": "official training chips", "validation": VALIDATION_AS_TEST},
     sample_counts={"training": 10, "validation": 3},
     sample_stream=0,  # the stream of the published sample numbers
 )

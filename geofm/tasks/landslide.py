@@ -13,7 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from geofm.tasks.base import SEGMENTATION, Task, need_dir, positive_class_definitions, smooth_field, stretch
+from geofm.tasks.base import (
+    SEGMENTATION,
+    FileFormat,
+    SplitFiles,
+    Task,
+    need_dir,
+    positive_class_definitions,
+    smooth_field,
+    stretch,
+)
 
 SPLITS = ("train", "validation", "test")
 SIZE = 128
@@ -37,11 +46,16 @@ class Landslide(Task):
                 return f"images/{split} and annotations/{split} differ at number {odd}; fix: every image_N.h5 needs a mask_N.h5"
         return None
 
-    def split_files(self, root: Path) -> dict[str, list[Path]]:
-        return {
-            s: sorted((root / "images" / s).glob("image_*.h5")) + sorted((root / "annotations" / s).glob("mask_*.h5"))
-            for s in SPLITS
-        }
+    def files(self, root: Path) -> dict[str, SplitFiles]:
+        out = {}
+        for split in SPLITS:
+            # in file-name order, as TerraTorch's Landslide4Sense dataset lists them
+            numbers = [p.stem[len("image_") :] for p in sorted((root / "images" / split).glob("image_*.h5"))]
+            out[split] = SplitFiles(
+                [root / "images" / split / f"image_{n}.h5" for n in numbers],
+                [root / "annotations" / split / f"mask_{n}.h5" for n in numbers],
+            )
+        return out
 
     def labels(self, root: Path, split: str, splits_dir: Path | None = None):
         import h5py
@@ -94,6 +108,8 @@ TASK = Landslide(
     positive_class=1,
     positive_name="landslide",
     selection_metric="val/mIoU",
+    image_format=FileFormat("h5", bands=14, dtype="float", shape=(SIZE, SIZE), key="img", channels_last=True),
+    label_format=FileFormat("h5", bands=1, dtype="uint8", shape=(SIZE, SIZE), key="mask", values=(0, 1)),
     sample_counts={"train": 12, "validation": 4, "test": 4},
     sample_stream=1,  # the stream of the published sample numbers
 )
