@@ -355,4 +355,5 @@ def cell_settings(config: dict, task: str, model: str, seed: int) -> dict:
         "data_root": config["tasks"][task]["data_root"],
         "trainer": config["trainer"],
         "overrides": overrides,
+        "allow_selection_on_reported_split": config["tasks"][task]["allow_selection_on_reported_split"],
     }

@@ -47,7 +47,16 @@ def build(
                 reference = f"{r['reference']:.4g} (Δ {r['delta_to_reference']:+.3g}, {ok})"
             mean_std = f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] is not None else f"{r['mean']:.4g}"
             headline.append({**r, "mean_std": mean_std, "interval": interval, "reference_check": reference})
-    splits = "; ".join(f"{t}: {TASKS[t].test_split}" for t in dict.fromkeys(r["task"] for r in headline))
+    measured: dict[str, set] = {}
+    for row in summary["rows"]:  # the labels the jobs measured (geofm.splits), not assumed
+        if row.get("test_split"):
+            measured.setdefault(row["task"], set()).add((row["test_split"], row.get("selection_split") or ""))
+    splits = "; ".join(
+        f"{task}: reported on {test}, checkpoint selected on {selection}"
+        for task, labels in measured.items()
+        for test, selection in sorted(labels)
+    )
+    leaky = sorted({f"{r['task']}/{r['model']}" for r in headline if r.get("leaky")})
     failed = [f"{r['task']}/{r['model']}/seed{r['seed']}" for r in summary["rows"] if r["status"] != "ok"]
     parts = [
         '<div class="geofm-overview">',
@@ -70,9 +79,17 @@ def build(
                 ("mean_std", "mean ± std"),
                 ("interval", "95% bootstrap interval"),
                 ("reference_check", "reference"),
+                ("leaky", "splits"),
             ],
         ),  # fmt: skip
-        f"<p>Reported splits: {html.escape(splits)}.</p>",
+        (
+            f'<p style="color:#b00"><b>LEAKY</b>: the checkpoints of {html.escape(", ".join(leaky))} were selected '
+            "on chips that are also reported (allowed by allow_selection_on_reported_split): their scores are "
+            "optimistic and not comparable.</p>"
+            if leaky
+            else ""
+        ),
+        f"<p>Splits: {html.escape(splits)}.</p>",
         "<h3>Ranking</h3>",
         f"<p>{html.escape(RANKING_RULE)}</p>",
         _table(

@@ -21,6 +21,7 @@ RANKING_RULE = (
     "ranks over the tasks they were evaluated on."
 )
 ONE_SEED = "1 seed: no interval"
+LEAKY = "LEAKY"  # geofm.splits: the checkpoint was selected on chips that are also reported
 
 
 def bootstrap_ci(values: list[float], resamples: int, seed: int, confidence: float) -> tuple[float, float] | None:
@@ -58,10 +59,12 @@ def _round(x):
 def aggregate(cells: list[dict], bootstrap: dict, references: dict | None = None) -> list[dict]:
     """One row per task x model x metric over the seeds that finished.
 
-    cells: dicts with task, model, seed and `metrics` (the pinned metrics of metrics.json).
+    cells: dicts with task, model, seed, `metrics` (the pinned metrics of metrics.json) and
+    `leaky` (the cell's checkpoint was selected on reported chips: every row of it says LEAKY).
     references: {model: {task: {metric, value, tolerance, source}}} from the config.
     """
     grouped: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    leaky = {(c["task"], c["model"]) for c in cells if c.get("leaky")}
     for cell in cells:
         for metric, value in (cell.get("metrics") or {}).items():
             if metric != "labelled_pixels" and value is not None:
@@ -83,6 +86,7 @@ def aggregate(cells: list[dict], bootstrap: dict, references: dict | None = None
             "reference": None,
             "delta_to_reference": None,
             "within_tolerance": None,
+            "leaky": LEAKY if (task, model) in leaky else "",
         }
         ref = ((references or {}).get(model) or {}).get(task)
         if ref and ref["metric"] == metric:

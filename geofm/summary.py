@@ -17,7 +17,8 @@ from geofm.tasks import TASKS
 COLUMNS = [
     "task", "model", "seed", "status", "headline_metric", "headline", "baseline", "beats_baseline",
     "metric_1", "value_1", "metric_2", "value_2", "metric_3", "value_3",
-    "test_split", "selection_split", "best_selection_score", "epochs",
+    "test_split", "selection_split", "leaky", "test_chips", "selection_chips", "shared_chips", "best_selection_score",
+    "epochs",
     "finetune_wall_s", "evaluate_wall_s", "cpu_hours", "gpu_hours", "peak_rss_mb", "peak_gpu_memory_mb",
     "gpu_utilisation_pct", "energy_j", "parameters", "train_samples_per_s", "device", "error", "err_file",
 ]  # fmt: skip
@@ -63,8 +64,7 @@ def cell_row(layout: ResultsLayout, cell: Cell) -> dict:
         "headline": headline,
         "baseline": base,
         "beats_baseline": _beats(cell.task, headline, base),
-        "test_split": spec.test_split,
-        "selection_split": spec.selection_split,
+        **_split_columns(metrics, finetune),
         "best_selection_score": (finetune.get("selection") or {}).get("best_score"),
         "epochs": finetune.get("epochs"),
         "finetune_wall_s": finetune.get("wall_s"),
@@ -85,6 +85,21 @@ def cell_row(layout: ResultsLayout, cell: Cell) -> dict:
         row[f"metric_{i}"], row[f"value_{i}"] = name, pinned.get(name)
     row["metrics"] = pinned
     return row
+
+
+def _split_columns(metrics: dict | None, finetune: dict) -> dict:
+    """The split labels as measured by the job that ran (evaluate, else fine-tune); empty for a
+    cell that never got that far: labels are never assumed from the task."""
+    facts = (metrics or {}).get("splits") or finetune.get("splits") or {}
+    test, selection = facts.get("test") or {}, facts.get("selection") or {}
+    return {
+        "test_split": test.get("label", ""),
+        "selection_split": selection.get("label", ""),
+        "leaky": facts.get("leaky"),
+        "test_chips": test.get("chips"),
+        "selection_chips": selection.get("chips"),
+        "shared_chips": facts.get("shared_selection_test"),
+    }
 
 
 def _sum(*values):

@@ -48,6 +48,19 @@ def task_data(wildcards):
     return task["data_root"] if task["sample"] else []
 
 
+def job(wildcards):
+    """What a heavy job needs besides its config: the trainer settings, and where the data and the
+    hold-out lists are, to measure which chips select the checkpoint and which are reported."""
+    task = EXP["tasks"][wildcards.task]
+    return {
+        "task": wildcards.task,
+        "trainer": EXP["trainer"],
+        "data_root": task["data_root"],
+        "splits_dir": L.splits_dir(wildcards.task) if TASKS[wildcards.task].holdout else None,
+        "allow_selection_on_reported_split": task["allow_selection_on_reported_split"],
+    }
+
+
 def holdout_lists(wildcards, name):
     """The hold-out split lists of a task that selects on a hold-out of its training chips."""
     return f"{L.splits_dir(wildcards.task)}/{name}.txt" if TASKS[wildcards.task].holdout else []

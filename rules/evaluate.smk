@@ -24,8 +24,7 @@ rule evaluate:
         runtime=lambda w, attempt: 60 * attempt,
         gpu=1,
     params:
-        task="{task}",
-        trainer=EXP["trainer"],
+        job=job,
         err=L.err_file(),
         cell=L.cell(),
     script:

@@ -41,8 +41,7 @@ rule preflight:
         runtime=lambda w, attempt: 20 * attempt,
         gpu=1,
     params:
-        task="{task}",
-        trainer=EXP["trainer"],
+        job=job,
         run_dir=f"{L.scratch}/{{task}}/{{model}}/preflight",
         err=lambda w: [L.err_file(w.task, w.model, seed) for seed in EXP["seeds"]],
         cell="{task}/{model} (preflight)",
@@ -75,7 +74,7 @@ rule finetune:
         runtime=lambda w, attempt: 240 * attempt,
         gpu=1,
     params:
-        trainer=EXP["trainer"],
+        job=job,
         run_dir=L.cell_scratch(),
         err=L.err_file(),
         cell=L.cell(),

@@ -14,9 +14,9 @@ with evidence.captured(sm.log[0]):
 
     cells = []
     for (task, model, seed), path in zip(sm.params.cells, sm.input.metrics):
-        cells.append(
-            {"task": task, "model": model, "seed": seed, "metrics": json.loads(Path(path).read_text())["pinned"]}
-        )
+        metrics = json.loads(Path(path).read_text())
+        leaky = (metrics.get("splits") or {}).get("leaky")
+        cells.append({"task": task, "model": model, "seed": seed, "metrics": metrics["pinned"], "leaky": leaky})
     rows = stats.aggregate(cells, sm.params.bootstrap, sm.params.references)
     ranking = stats.ranking(rows)
 
@@ -39,6 +39,7 @@ with evidence.captured(sm.log[0]):
         "reference",
         "delta_to_reference",
         "within_tolerance",
+        "leaky",
     ]
     write_csv(sm.output.csv, [{k: r[k] for k in columns} for r in rows])
     headline = [r for r in rows if r["headline"]]

@@ -9,6 +9,4 @@ with evidence.captured(sm.log[0], sm.params.err, stage="evaluate", cell=sm.param
     from geofm import training
 
     outputs = {name: sm.output[name] for name in ("metrics", "resources", "predictions")}
-    training.evaluate(
-        Path(sm.input.config), Path(sm.input.checkpoint), sm.params.task, sm.params.trainer, sm.threads, outputs
-    )
+    training.evaluate(Path(sm.input.config), Path(sm.input.checkpoint), sm.params.job, sm.threads, outputs)

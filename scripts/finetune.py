@@ -9,4 +9,4 @@ with evidence.captured(sm.log[0], sm.params.err, stage="finetune", cell=sm.param
     from geofm import training
 
     outputs = {name: sm.output[name] for name in ("checkpoint", "curves", "resources", "effective_config")}
-    training.finetune(Path(sm.input.config), Path(sm.params.run_dir), sm.params.trainer, sm.threads, outputs)
+    training.finetune(Path(sm.input.config), Path(sm.params.run_dir), sm.params.job, sm.threads, outputs)

@@ -6,22 +6,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN
+from conftest import CPU, REPO, VENV_BIN, render_for_sample
 
 from geofm import config as experiment_config
-from geofm import render, sample_data
+from geofm import sample_data
 from geofm.tasks import REGRESSION, SEGMENTATION, TASKS
 from geofm.tasks.base import Task, write_split_lists
 
 HOOKS = ("check_layout", "files", "labels", "rgb_panels", "write_sample")
 HOLDOUT_HOOKS = ("training_ids", "test_ids")
-CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers": 0, "pin_memory": False,
-       "persistent_workers": False, "prefetch_factor": 2, "tf32": False}  # fmt: skip
 
 
 def overridden(task: Task, hook: str) -> bool:
@@ -81,22 +78,6 @@ def samples(tmp_path_factory):
     return root
 
 
-def rendered(task: Task, data: Path, work: Path, cache: Path) -> Path:
-    """The task's bundled recipe rendered for the sample data, as the render_config rule does."""
-    raw = {"tasks": {t: {"enabled": t == task.name} for t in TASKS}, "cache_dir": str(cache)}
-    raw["tasks"][task.name].update(data_root=str(data), overrides={"max_epochs": 1, "batch_size": 2})
-    experiment = experiment_config.resolve(raw, root=REPO)
-    splits = work / "splits"
-    if task.holdout:
-        write_split_lists(task.holdout_split(data), splits)
-    settings = experiment_config.cell_settings(experiment, task.name, "tiny", 0)
-    paths = {"data_root": str(data), "run_dir": str(work / "run"), "splits_dir": str(splits), "ckpt_path": None}
-    config = render.render(task.recipe.read_text(), {**settings, "trainer": CPU}, paths)
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_sample_data_passes_its_layout_check_and_the_checks_catch_a_broken_copy(name, samples, tmp_path):
     task = TASKS[name]
@@ -132,7 +113,7 @@ def test_terratorch_reads_the_sample_data_and_trains_one_batch(name, samples, tm
     from geofm import training
 
     task = TASKS[name]
-    config = rendered(task, samples / name, tmp_path, shared_cache)
+    config = render_for_sample(task, task.recipe.read_text(), samples / name, tmp_path, shared_cache)
     cli = training.build_cli(config, training.runtime_settings(CPU, threads=1))
     dm = cli.datamodule
     dm.setup("fit")
@@ -142,9 +123,16 @@ def test_terratorch_reads_the_sample_data_and_trains_one_batch(name, samples, tm
         sample = dataset[0]
         assert sample["image"].ndim >= 3 and sample["mask"].ndim >= 2
     out = tmp_path / "preflight.json"
-    training.preflight(config, tmp_path / "preflight", name, CPU, 1, out)
+    job = {"task": name, "trainer": CPU, "data_root": str(samples / name), "splits_dir": str(tmp_path / "splits"),
+           "allow_selection_on_reported_split": False}  # fmt: skip
+    training.preflight(config, tmp_path / "preflight", job, 1, out)
     report = json.loads(out.read_text())
     assert report["stages"] == ["fit", "validate", "test", "predict"] and report["predicted"] > 0
+    # The bundled recipe selects and reports on the splits its task says, measured, and disjoint.
+    facts = report["splits"]
+    assert (facts["selection"]["label"], facts["test"]["label"]) == (task.selection_split, task.test_split)
+    assert facts["shared_selection_test"] == 0 and not facts["leaky"]
+    assert facts["selection"]["chips"] > 0 and facts["test"]["chips"] > 0
 
 
 def test_registry_finds_a_task_module_without_any_generic_edit(tmp_path):
