@@ -1,8 +1,8 @@
-"""Provenance: dataset manifests (every file's size and content hash, per split) and the
-experiment manifest (code commit, config hash, rendered configs, packages, data, weights,
+"""Provenance: the experiment manifest (code commit, config hash, rendered configs, packages, data, weights,
 hardware, scheduler job ids, seeds).
 
-Manifests hold no timestamps: the same code, config and data give the same bytes, and
+(Each dataset's manifest, every file's size and content hash per split, is written by the
+validate_data rule: geofm/datacheck.py.) Manifests hold no timestamps: the same code, config and data give the same bytes, and
 any changed data file changes them.
 """
 
@@ -13,8 +13,6 @@ import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
-
-from geofm.tasks import TASKS
 
 PACKAGES = [
     "terratorch", "torch", "torchvision", "lightning", "torchgeo", "torchmetrics", "timm",
@@ -43,22 +41,6 @@ def fingerprint(root: Path) -> str:
             st = path.stat()
             entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
     return sha256_json(entries)
-
-
-def dataset_manifest(task: str, root: Path) -> dict:
-    root = Path(root)
-    splits = {}
-    for split, files in TASKS[task].split_files(root).items():
-        entries = [
-            {"path": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files
-        ]
-        splits[split] = {
-            "files": len(entries),
-            "bytes": sum(e["bytes"] for e in entries),
-            "sha256": sha256_json(entries),
-            "entries": entries,
-        }
-    return {"task": task, "sha256": sha256_json({s: v["sha256"] for s, v in splits.items()}), "splits": splits}
 
 
 def code_version(folder: Path) -> dict:

@@ -81,10 +81,39 @@ def _seed_worker(worker_id: int, chained=None) -> None:
     _seed_augmentations(info.dataset, info.seed % 2**32)
 
 
+class DataFileError(RuntimeError):
+    """Reading one file of a dataset failed during a job; the message names the file."""
+
+
+class NamedReads(torch.utils.data.Dataset):
+    """A dataset whose read errors name the file being read (TerraTorch's say only what failed,
+    e.g. 'truncated file: eof = 5000'). validate_data checked every file before the run, so
+    this catches a file that changed under the run or a failure its checks cannot see."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.files = splits.dataset_files(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except Exception as e:
+            name = self.files[index] if self.files and index < len(self.files) else f"item {index} of the dataset"
+            said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataFileError(
+                f"{name}: {type(e).__name__}: {said}; fix: re-download it (it passed validate_data before the run: "
+                "it changed since, or the failure is one the checks cannot see)"
+            ) from e
+
+
 def _tune_loaders(datamodule, rt: dict) -> None:
     """Re-create each stage's loader with the same dataset, sampler and collate, adding what not
-    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor) and
-    seeded augmentations, so that a cell re-run gives the same model."""
+    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor),
+    seeded augmentations, so that a cell re-run gives the same model, and read errors that name
+    the file."""
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -96,7 +125,7 @@ def _tune_loaders(datamodule, rt: dict) -> None:
             if workers == 0:
                 _seed_augmentations(dl.dataset, int(torch.randint(2**31, ()).item()))
             return DataLoader(
-                dl.dataset,
+                NamedReads(dl.dataset),
                 batch_size=dl.batch_size,
                 sampler=dl.sampler,
                 num_workers=workers,

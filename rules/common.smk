@@ -67,7 +67,13 @@ def holdout_lists(wildcards, name):
 
 
 def render_inputs(wildcards):
-    inputs = {"recipe": EXP["tasks"][wildcards.task]["recipe"], "splits": holdout_lists(wildcards, "select")}
+    inputs = {
+        "recipe": EXP["tasks"][wildcards.task]["recipe"],
+        "splits": holdout_lists(wildcards, "select"),
+        # The dataset passed its checks (validate_data) before any of its cells runs; ancient():
+        # re-checking changed data does not re-run cells whose config is unchanged.
+        "checked": ancient(L.dataset_manifest(wildcards.task)),
+    }
     if needs_download(wildcards.model):
         inputs["weights"] = weights_file(wildcards.model)
     return inputs

@@ -1,4 +1,5 @@
-# Datasets: generated sample data, selection hold-outs, trivial baselines, weights.
+# Datasets: generated sample data, their validation and manifest, selection hold-outs, trivial
+# baselines, weights.
 
 
 rule sample_data:
@@ -14,6 +15,28 @@ rule sample_data:
         seed=EXP["sample_data"]["seed"],
     script:
         "../scripts/sample_data.py"
+
+
+rule validate_data:
+    """Every file of a dataset checked against its task's format and hashed, in one read; a bad
+    file stops the task's cells before any GPU time, named in one line (geofm/datacheck.py)."""
+    input:
+        task_data,
+    output:
+        L.dataset_manifest(),
+    log:
+        L.log("validate_data", "{task}"),
+    priority: PRIORITY_UNBLOCKS
+    threads: 2
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        data_root=lambda w: EXP["tasks"][w.task]["data_root"],
+        fingerprint=dataset_fingerprint,
+        err=lambda w: [L.err_file(*c) for c in CELLS if c.task == w.task],
+        cell="{task} (dataset)",
+    script:
+        "../scripts/validate_data.py"
 
 
 rule selection_split:

@@ -12,7 +12,6 @@ localrules:
     aggregate,
     cost_ledger,
     learning_curves,
-    dataset_manifest,
     manifest,
     overview,
 
@@ -110,23 +109,6 @@ rule learning_curves:
         "../scripts/learning_curves.py"
 
 
-rule dataset_manifest:
-    """Every file of a dataset with its size and content hash, per split."""
-    input:
-        task_data,
-    output:
-        L.dataset_manifest(),
-    log:
-        L.log("dataset_manifest", "{task}"),
-    conda:
-        "../envs/geofm.yaml"
-    params:
-        data_root=lambda w: EXP["tasks"][w.task]["data_root"],
-        fingerprint=dataset_fingerprint,
-    script:
-        "../scripts/dataset_manifest.py"
-
-
 rule manifest:
     """Provenance of the experiment: code, config, data, weights, packages, hardware, jobs."""
     input:
@@ -172,8 +154,11 @@ onerror:
     from geofm import evidence, summary
 
     # Jobs the scheduler killed (memory or time limit, scancel) could not write their err/ files.
-    killed = evidence.write_killed_cells(L, CELLS, since=evidence.run_started(log))
+    started = evidence.run_started(log)
+    killed = evidence.write_killed_cells(L, CELLS, since=started)
     for cell in killed:
         print(f"{cell}: killed by the scheduler; error file written in {L.err}/", file=sys.stderr)
+    for line in evidence.causes(L.err_files(), since=started):  # one line per distinct failure
+        print(line, file=sys.stderr)
     summary.write(L, CELLS, EXP)
     print(f"Summary with failed cells marked: {L.table('summary.csv')}; error files in {L.err}/", file=sys.stderr)
