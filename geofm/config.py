@@ -357,3 +357,71 @@ def cell_settings(config: dict, task: str, model: str, seed: int) -> dict:
         "overrides": overrides,
         "allow_selection_on_reported_split": config["tasks"][task]["allow_selection_on_reported_split"],
     }
+
+
+def describe(doc: dict | None = None) -> str:
+    """config/README.md: every key of the schema with its type, default and meaning (Markdown),
+    as the Snakemake workflow catalog renders it. Written by `python -m geofm.config`; a test
+    keeps the committed file equal to this."""
+    doc = doc or schema()
+    defs = doc["$defs"]
+    lines = [
+        "# Configuration",
+        "",
+        "One experiment is one config file: `config/config.yaml` by default, or any file given with",
+        "`--configfile`. It is validated against `config/schema.yaml` (and TerraTorch's backbone",
+        "registry, the dataset layouts and the weights files) before any job is planned; a problem stops",
+        "the run with one line naming the key and the fix. Keys left out take the defaults below.",
+        "Task-keyed sections list every registered task (geofm/tasks/).",
+        "",
+        "This page is generated from the schema: `python -m geofm.config > config/README.md`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+
+    def kind(node: dict) -> str:
+        if "$ref" in node:
+            return kind(defs[node["$ref"].split("/")[-1]])
+        if "oneOf" in node:
+            return " or ".join(kind(n) if "const" not in n else repr(n["const"]) for n in node["oneOf"])
+        t = node.get("type", "object")
+        return " or ".join(t) if isinstance(t, list) else t
+
+    def default(node: dict) -> str:
+        return f"`{json.dumps(node['default'])}`" if "default" in node else ""
+
+    def walk(node: dict, prefix: str) -> None:
+        node = {**defs.get(node.get("$ref", "#/x/").split("/")[-1], {}), **node}
+        if prefix in ("tasks.", "models.<name>.task_overrides.", "models.<name>.reference."):
+            sub = next(iter(node["properties"].values()), {})  # the same for every task
+            names = ", ".join(f"`{n}`" + ("" if t.default_enabled else " (off by default)") for n, t in TASKS.items())
+            lines.append(f"| `{prefix}<task>` | {kind(sub)} | | One entry per task: {names}. |")
+            if prefix == "tasks.":
+                walk(defs["task"], "tasks.<task>.")
+            return
+        for key, sub in node.get("properties", {}).items():
+            merged = {**defs.get(sub.get("$ref", "#/x/").split("/")[-1], {}), **sub}
+            text = " ".join(str(merged.get("description", "")).split()).replace("|", "\\|")
+            lines.append(f"| `{prefix}{key}` | {kind(sub)} | {default(sub)} | {text} |")
+            if merged.get("properties") and key not in ("overrides",):
+                walk(merged, f"{prefix}{key}.")
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict) and extra.get("$ref"):
+            name = extra["$ref"].split("/")[-1]
+            walk(defs[name], f"{prefix}<name>.")
+
+    walk(doc, "")
+    lines += ["", "Training overrides (`tasks.<task>.overrides`, `models.<name>.overrides`, "
+              "`models.<name>.task_overrides.<task>`; later ones win):", "",
+              "| key | type | meaning |", "|---|---|---|"]  # fmt: skip
+    for key, sub in defs["overrides"]["properties"].items():
+        text = " ".join(str(sub.get("description", "")).split())
+        lines.append(f"| `{key}` | {kind(sub)} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(describe())

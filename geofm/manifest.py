@@ -107,3 +107,20 @@ def experiment_manifest(
         "splits": dict(sorted(splits.items())),
         "scheduler_jobs": sorted(jobs, key=lambda j: j["output"]),
     }
+
+
+def write(layout, cells, tasks: list[str], provenance: dict) -> dict:
+    """out/manifest.json for a run's cells (only the files that exist: a failed cell has none)."""
+    files = [layout.cell_file(name, *c) for c in cells for name in ("finetune.json", "evaluate.json")]
+    document = experiment_manifest(
+        code=provenance["code"],
+        config_hash=provenance["config_hash"],
+        seeds=provenance["seeds"],
+        packages=provenance["packages"],
+        datasets=[Path(layout.dataset_manifest(t)) for t in tasks if Path(layout.dataset_manifest(t)).is_file()],
+        configs=[Path(p) for c in cells if (p := layout.cell_file("config.yaml", *c)) and Path(p).is_file()],
+        resources=[Path(f) for f in files if Path(f).is_file()],
+        weights=provenance["weights"],
+    )
+    Path(layout.table("manifest.json")).write_text(json.dumps(document, indent=2))
+    return document
