@@ -58,6 +58,7 @@ def job(wildcards):
         "data_root": task["data_root"],
         "splits_dir": L.splits_dir(wildcards.task) if TASKS[wildcards.task].holdout else None,
         "allow_selection_on_reported_split": task["allow_selection_on_reported_split"],
+        "preflight": EXP["preflight"],
     }
 
 
@@ -88,14 +89,6 @@ def weights_file(model):
     return f"{CACHE}/weights/{model}/backbone.pt"
 
 
-def first_seed_config(wildcards):
-    return L.cell_file("config.yaml", wildcards.task, wildcards.model, EXP["seeds"][0])
-
-
-def preflight_done(wildcards):
-    return L.preflight(wildcards.task, wildcards.model) if EXP["preflight"] else []
-
-
 def cell_files(pattern_of):
     """`pattern_of(task, model, seed)` for every cell, e.g. cell_files(L.err_file)."""
     return [pattern_of(*c) for c in CELLS]
@@ -107,10 +100,6 @@ def metrics_file(task, model, seed):
 
 def finetune_file(task, model, seed):
     return L.cell_file("finetune.json", task, model, seed)
-
-
-def evaluate_file(task, model, seed):
-    return L.cell_file("evaluate.json", task, model, seed)
 
 
 def config_file(task, model, seed):
@@ -140,11 +129,21 @@ def provenance():
     }
 
 
+# What the summarize rule and the onerror handler need besides the cells (geofm/outputs.py).
+SUMMARIZE = {
+    "experiment": {"experiment": NAME, "description": EXP["description"]},
+    "tasks": EXP["enabled_tasks"],
+    "bootstrap": EXP["bootstrap"],
+    "references": {m: spec["reference"] for m, spec in EXP["models"].items()},
+    "dpi": EXP["predictions"]["dpi"],
+    "provenance": provenance(),
+}
+
+
 def final_targets():
     targets = cell_files(metrics_file) + cell_files(L.predictions_dir)
-    targets += [L.table(name) for name in ("summary.csv", "summary.json", "aggregate.csv", "cost.csv")]
-    targets += [L.table("manifest.json"), L.table("overview.html")]
-    targets += [L.curves_plot(task) for task in EXP["enabled_tasks"]]
+    targets += [L.table(name) for name in ("summary.csv", "aggregate.csv", "cost.csv", "manifest.json")]
+    targets.append(L.table("overview.html"))
     if EXP["versioning"]["enabled"]:  # rules/version.smk: dvc + git, after everything else
         targets.append(f"{L.scratch}/versioning/version.json")
     return targets

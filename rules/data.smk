@@ -19,17 +19,20 @@ rule sample_data:
 
 rule validate_data:
     """Every file of a dataset checked against its task's format and hashed, in one read; a bad
-    file stops the task's cells before any GPU time, named in one line (geofm/datacheck.py)."""
+    file stops the task's cells before any GPU time, named in one line (geofm/datacheck.py).
+    Then the trivial baseline's score (majority class / training mean) on the reported split."""
     input:
         task_data,
+        splits=lambda w: holdout_lists(w, "train"),
     output:
-        L.dataset_manifest(),
+        manifest=L.dataset_manifest(),
+        baseline=L.baseline(),
     log:
         L.log("validate_data", "{task}"),
     priority: PRIORITY_UNBLOCKS
-    threads: 2
     conda:
         "../envs/geofm.yaml"
+    threads: 2
     params:
         data_root=lambda w: EXP["tasks"][w.task]["data_root"],
         fingerprint=dataset_fingerprint,
@@ -75,20 +78,3 @@ rule fetch_weights:
         cache=f"{CACHE}/huggingface",
     script:
         "../scripts/fetch_weights.py"
-
-
-rule baseline:
-    """Score of a model that ignores its input (majority class / training mean)."""
-    input:
-        task_data,
-        splits=lambda w: holdout_lists(w, "train"),
-    output:
-        L.baseline(),
-    log:
-        L.log("baseline", "{task}"),
-    conda:
-        "../envs/geofm.yaml"
-    params:
-        data_root=lambda w: EXP["tasks"][w.task]["data_root"],
-    script:
-        "../scripts/baseline.py"
