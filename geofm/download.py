@@ -29,6 +29,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -101,10 +102,11 @@ class _Http:
     stop: threading.Event = field(default_factory=threading.Event)  # set: abandon downloads (resumable)
 
     @property
-    def session(self) -> requests.Session:
+    def session(self) -> requests.Session:  # one per thread
         if not hasattr(self.local, "session"):
             self.local.session = requests.Session()
-            self.local.session.headers["User-Agent"] = "geofm-pipeline"
+            # identity: the bytes on disk are the bytes the host hashed, and Range offsets mean them
+            self.local.session.headers.update({"User-Agent": "geofm-pipeline", "Accept-Encoding": "identity"})
         return self.local.session
 
 
@@ -218,7 +220,7 @@ def fetch_weights(
             f"{repo_id}/{filename}@{revision} has no pinned sha256; pin it, or allow verifying against the "
             "sha256 the hub publishes (trust_published)"
         )
-    target = Path(cache_dir) / repo_id.replace("/", "--") / revision / filename
+    target = Path(cache_dir) / repo_id.replace("/", "--") / quote(revision, safe="") / filename
     got = _obtain(_Http(timeout, attempts, backoff, log), remote, endpoint, target)
     _write_pins(pins, pinned, endpoint, [got])
     return got
@@ -237,67 +239,87 @@ def _obtain(http: _Http, remote: Remote, base_url: str, target: Path) -> Fetched
     target.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    published = _listed(http, remote, base_url) if remote.checksums and not remote.sha256 else {}
-    try:
-        for attempt in tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
-            stop=tenacity.stop_after_attempt(http.attempts),
-            wait=tenacity.wait_exponential(multiplier=http.backoff, max=60),
-            before_sleep=lambda s: http.log(f"{remote.name}: {s.outcome.exception()}; retrying"),
-            reraise=True,
-        ):
-            with attempt:
-                published.update(_get(http, url, part, remote))
-    except _Transient as e:
-        raise DownloadError(f"GET {url}: {e} after {http.attempts} attempt(s); run again to resume") from None
-    hashes = _hashes(part)
+    published = {}
+    if remote.checksums and not remote.sha256:
+        listing = _absolute(base_url, remote.checksums)
+        published = _retrying(http, listing, lambda: _listed(http, listing, remote.name))
+    published.update(_retrying(http, url, lambda: _get(http, url, part, remote)))
+    wanted = {"md5"} if remote.md5 else set()
+    hashes = _hashes(part, wanted | ({"md5", "git-sha1"} & published.keys()))
     size = part.stat().st_size
     verified_by = _verify(remote, url, part, hashes, size, published)
     part.replace(target)
     return Fetched(remote, target, hashes["sha256"], size, verified_by, published.get("commit"))
 
 
-def _get(http: _Http, url: str, part: Path, remote: Remote) -> dict[str, str]:
-    """One GET of `url` into `part`, resuming from its current size; returns the published hashes."""
-    offset = part.stat().st_size if part.is_file() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+def _retrying(http: _Http, url: str, request: Callable[[], dict]) -> dict:
+    """The one retry policy: transient failures are retried with exponential backoff; the last
+    one fails in one line."""
     try:
-        with http.session.get(url, headers=headers, stream=True, timeout=http.timeout) as r:
-            published = _published(r)
-            if r.status_code == 416 and offset:  # nothing left to send: the part is complete, or stale
-                if remote.size is None or offset != remote.size:
-                    part.unlink()
-                    raise _Transient("server refused to resume (HTTP 416); starting over")
-                return published
-            if r.status_code >= 500 or r.status_code in (408, 429):
-                raise _Transient(f"HTTP {r.status_code} {r.reason}")
-            if r.status_code >= 400:
-                raise DownloadError(f"GET {url}: HTTP {r.status_code} {r.reason}")
-            if offset and r.status_code != 206:  # the server ignored the Range header
-                http.log(f"{remote.name}: server does not resume (HTTP {r.status_code}); downloading from the start")
-                offset = 0
-            elif offset:
-                http.log(f"{remote.name}: resuming at byte {offset}")
-            length = r.headers.get("Content-Length")
-            total = offset + int(length) if length else (remote.size or published.get("size"))
-            total = int(total) if total else None
-            progress = _Progress(remote.name, total, offset, http.log)
-            with open(part, "ab" if offset else "wb") as f:
-                for chunk in r.iter_content(CHUNK):
-                    if http.stop.is_set():
-                        raise DownloadError(f"GET {url}: abandoned after another file failed (resumable)")
-                    f.write(chunk)
-                    progress.add(len(chunk))
-            got = part.stat().st_size
-            if total is not None and got < total:
-                raise _Transient(f"connection dropped at byte {got} of {total}")
-            return published
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Transient),
+            stop=tenacity.stop_after_attempt(http.attempts),
+            wait=tenacity.wait_exponential(multiplier=http.backoff, max=60),
+            before_sleep=lambda s: http.log(f"GET {url}: {s.outcome.exception()}; retrying"),
+            reraise=True,
+        ):
+            with attempt:
+                return request()
+    except _Transient as e:
+        raise DownloadError(f"GET {url}: {e} after {http.attempts} attempt(s); run again to resume") from None
+
+
+@contextmanager
+def _errors(http: _Http):
+    """Network failures as _Transient, with a short reason."""
+    try:
+        yield
     except requests.Timeout as e:
         which = "connect" if isinstance(e, requests.ConnectTimeout) else "read"
         seconds = http.timeout[0] if which == "connect" else http.timeout[1]
         raise _Transient(f"no answer within {seconds:g} s ({which} timeout)") from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
         raise _Transient(f"connection failed ({_short(e)})") from None
+
+
+def _status(r: requests.Response, url: str):
+    if r.status_code >= 500 or r.status_code in (408, 429):
+        raise _Transient(f"HTTP {r.status_code} {r.reason}")
+    if r.status_code >= 400:
+        raise DownloadError(f"GET {url}: HTTP {r.status_code} {r.reason}")
+
+
+def _get(http: _Http, url: str, part: Path, remote: Remote) -> dict[str, str]:
+    """One GET of `url` into `part`, resuming from its current size; returns the published hashes."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with _errors(http), http.session.get(url, headers=headers, stream=True, timeout=http.timeout) as r:
+        published = _published(r)
+        if r.status_code == 416 and offset:  # nothing left to send: the part is complete, or stale
+            if remote.size is None or offset != remote.size:
+                part.unlink()
+                raise _Transient("server refused to resume (HTTP 416); starting over")
+            return published
+        _status(r, url)
+        if offset and r.status_code != 206:  # the server ignored the Range header
+            http.log(f"{remote.name}: server does not resume (HTTP {r.status_code}); downloading from the start")
+            offset = 0
+        elif offset:
+            http.log(f"{remote.name}: resuming at byte {offset}")
+        length = r.headers.get("Content-Length")
+        total = offset + int(length) if length else (remote.size or published.get("size"))
+        total = int(total) if total else None
+        progress = _Progress(remote.name, total, offset, http.log)
+        with open(part, "ab" if offset else "wb") as f:
+            for chunk in r.iter_content(CHUNK):
+                if http.stop.is_set():
+                    raise DownloadError(f"GET {url}: abandoned after another file failed (resumable)")
+                f.write(chunk)
+                progress.add(len(chunk))
+    got = part.stat().st_size
+    if total is not None and got < total:
+        raise _Transient(f"connection dropped at byte {got} of {total}")
+    return published
 
 
 def _published(r: requests.Response) -> dict[str, str]:
@@ -319,21 +341,18 @@ def _published(r: requests.Response) -> dict[str, str]:
     return out
 
 
-def _listed(http: _Http, remote: Remote, base_url: str) -> dict[str, str]:
-    """The checksum a host lists for the file in its records API (Zenodo: files[].checksum = 'md5:...')."""
-    url = _absolute(base_url, remote.checksums)
-    try:
+def _listed(http: _Http, url: str, name: str) -> dict[str, str]:
+    """The checksum a host lists for file `name` in its records API at `url` (Zenodo:
+    files[].checksum = 'md5:...'); {} when it lists none."""
+    with _errors(http):
         r = http.session.get(url, timeout=http.timeout)
-    except requests.RequestException as e:
-        raise DownloadError(f"GET {url}: checksum listing unavailable ({_short(e)})") from None
-    if r.status_code >= 400:
-        raise DownloadError(f"GET {url}: HTTP {r.status_code} {r.reason} (checksum listing)")
+    _status(r, url)
     doc = r.json()
     files = doc.get("files", doc.get("entries", []))
     files = files.get("entries", files) if isinstance(files, dict) else files
     files = list(files.values()) if isinstance(files, dict) else files
     for item in files:
-        if remote.name in (item.get("key"), item.get("filename")) and ":" in item.get("checksum", ""):
+        if name in (item.get("key"), item.get("filename")) and ":" in item.get("checksum", ""):
             algorithm, value = item["checksum"].split(":", 1)
             return {algorithm: value.lower()}
     return {}
@@ -363,14 +382,16 @@ def _verify(remote: Remote, url: str, part: Path, hashes: dict[str, str], size: 
     raise DownloadError(f"{remote.name}: no pinned sha256 and the host publishes no checksum ({url}); pin one")
 
 
-def _hashes(path: Path) -> dict[str, str]:
-    sha256, md5, git = hashlib.sha256(), hashlib.md5(), hashlib.sha1()
-    git.update(f"blob {path.stat().st_size}\0".encode())
+def _hashes(path: Path, extra: set[str] = frozenset()) -> dict[str, str]:
+    """sha256 of a file, plus md5 and/or git-sha1 (a git blob id) when asked for."""
+    hashers = {"sha256": hashlib.sha256(), **{a: hashlib.md5() for a in extra & {"md5"}}}
+    if "git-sha1" in extra:
+        hashers["git-sha1"] = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            for h in (sha256, md5, git):
+            for h in hashers.values():
                 h.update(chunk)
-    return {"sha256": sha256.hexdigest(), "md5": md5.hexdigest(), "git-sha1": git.hexdigest()}
+    return {a: h.hexdigest() for a, h in hashers.items()}
 
 
 class _Progress:
@@ -433,11 +454,15 @@ def _install(fetched: list[Fetched], base_url: str, dest: Path, check, log: Call
                 _place(f.path, root / f.remote.name)
                 continue
             log(f"unpacking {f.remote.name} into {dest / f.remote.into}")
-            count = (_unzip if f.remote.unpack == "zip" else _untar)(f.path, f.remote, root, staging)
+            try:
+                count = (_unzip if f.remote.unpack == "zip" else _untar)(f.path, f.remote, root, staging)
+            except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+                raise DownloadError(f"{f.remote.name}: cannot unpack it ({_short(e)})") from None
             if not count:
                 raise DownloadError(f"{f.remote.name}: no files under {f.remote.only or 'its root'!r} in the archive")
         problem = check(staging) if check else None
         if problem:
+            problem = problem.replace(str(staging), str(dest))  # name the folder the user asked for
             raise DownloadError(f"the downloaded files are not the layout the task reads: {problem}")
         record = {
             "base_url": base_url,
@@ -461,19 +486,18 @@ def _place(src: Path, dst: Path):
         shutil.copyfile(src, dst)
 
 
-def _member_path(name: str, remote: Remote, archive: str) -> str | None:
+def _member_path(name: str, remote: Remote) -> str | None:
     """Where an archive member lands relative to `into`, None to skip it; unsafe names fail."""
     path = name.replace("\\", "/")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if path.startswith("/") or re.match(r"^[A-Za-z]:", path) or ".." in parts:
-        raise DownloadError(f"{archive}: refusing member {name!r}, which points outside the destination")
+        raise DownloadError(f"{remote.name}: refusing member {name!r}, which points outside the destination")
     if any(p.startswith("._") or p in ("__MACOSX", ".DS_Store") for p in parts):  # macOS metadata
         return None
     only = [p for p in remote.only.split("/") if p not in ("", ".")]
     if parts[: len(only)] != only:
         return None
-    parts = parts[remote.strip :]
-    return "/".join(parts) or None
+    return "/".join(parts[remote.strip :]) or None
 
 
 def _inside(path: Path, top: Path) -> bool:
@@ -481,22 +505,28 @@ def _inside(path: Path, top: Path) -> bool:
     return path == top or path.startswith(top + os.sep)
 
 
+def _target(name: str, remote: Remote, root: Path, top: Path) -> Path | None:
+    """The path a file member of an archive is written to (its folder created inside `top`), None
+    to skip it. Folders are created as their files need them."""
+    rel = _member_path(name, remote)
+    if rel is None:
+        return None
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not _inside(target.parent, top):
+        raise DownloadError(f"{remote.name}: refusing member {name!r}, which points outside the destination")
+    if target.is_symlink():  # a later member of the same name never writes through a link
+        target.unlink()
+    return target
+
+
 def _untar(archive: Path, remote: Remote, root: Path, top: Path) -> int:
     count = 0
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
-            rel = _member_path(member.name, remote, remote.name)
-            if rel is None:
+            target = None if member.isdir() else _target(member.name, remote, root, top)
+            if target is None:
                 continue
-            target = root / rel
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not _inside(target.parent, top):
-                raise DownloadError(
-                    f"{remote.name}: refusing member {member.name!r}, which points outside the destination"
-                )
             if member.issym():
                 if os.path.isabs(member.linkname) or not _inside(target.parent / member.linkname, top):
                     raise DownloadError(
@@ -504,7 +534,7 @@ def _untar(archive: Path, remote: Remote, root: Path, top: Path) -> int:
                     )
                 target.symlink_to(member.linkname)
             elif member.islnk():
-                linked = _member_path(member.linkname, remote, remote.name)
+                linked = _member_path(member.linkname, remote)
                 if linked is None or not (root / linked).is_file():
                     raise DownloadError(f"{remote.name}: refusing hard link {member.name!r} -> {member.linkname!r}")
                 shutil.copyfile(root / linked, target)
@@ -521,20 +551,11 @@ def _unzip(archive: Path, remote: Remote, root: Path, top: Path) -> int:
     count = 0
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
-            rel = _member_path(info.filename, remote, remote.name)
-            if rel is None:
-                continue
-            target = root / rel
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise DownloadError(f"{remote.name}: refusing link {info.filename!r} in a zip archive")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not _inside(target.parent, top):
-                raise DownloadError(
-                    f"{remote.name}: refusing member {info.filename!r}, which points outside the destination"
-                )
+            target = None if info.is_dir() else _target(info.filename, remote, root, top)
+            if target is None:
+                continue
             with zf.open(info) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, CHUNK)
             count += 1

@@ -14,6 +14,7 @@ import socket
 import tarfile
 import threading
 import time
+import zipfile
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -362,6 +363,24 @@ def test_archive_members_that_escape_are_refused(member, link, server, tmp_path)
         download.fetch([Remote("evil.tar.gz", sha256=sha256(data), unpack="tar.gz")], server.url, dest, cache, **FAST)
     nothing_left(dest, cache)
     assert not (tmp_path / "x" / "evil.txt").exists()
+
+
+def test_zip_archives_and_a_layout_the_task_rejects(server, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("top/folder/", "")
+        zf.writestr("top/folder/a.txt", "a")
+        zf.writestr("__MACOSX/top/folder/._a.txt", "metadata")
+    data = buf.getvalue()
+    server.files["/z.zip"] = data
+    entry = Remote("z.zip", sha256=sha256(data), unpack="zip", into="sub", strip=1)
+    dest, cache = tmp_path / "data", tmp_path / "cache"
+    download.fetch([entry], server.url, dest, cache, **FAST)
+    assert tree(dest) == {"sub/folder/a.txt", download.RECORD}
+    problem = f"^the downloaded files are not the layout the task reads: missing folder {tmp_path / 'crop'}/training_chips"
+    with pytest.raises(DownloadError, match=problem):
+        download.fetch([entry], server.url, tmp_path / "crop", cache, check=TASKS["crop"].check_layout, **FAST)
+    nothing_left(tmp_path / "crop", cache)
 
 
 def test_weights_are_verified_and_cached_by_hub_id_file_and_revision(server, tmp_path):
