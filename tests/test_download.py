@@ -377,7 +377,9 @@ def test_zip_archives_and_a_layout_the_task_rejects(server, tmp_path):
     dest, cache = tmp_path / "data", tmp_path / "cache"
     download.fetch([entry], server.url, dest, cache, **FAST)
     assert tree(dest) == {"sub/folder/a.txt", download.RECORD}
-    problem = f"^the downloaded files are not the layout the task reads: missing folder {tmp_path / 'crop'}/training_chips"
+    problem = (
+        f"^the downloaded files are not the layout the task reads: missing folder {tmp_path / 'crop'}/training_chips"
+    )
     with pytest.raises(DownloadError, match=problem):
         download.fetch([entry], server.url, tmp_path / "crop", cache, check=TASKS["crop"].check_layout, **FAST)
     nothing_left(tmp_path / "crop", cache)
