@@ -309,6 +309,11 @@ def _get(http: _Http, url: str, part: Path, remote: Remote) -> dict[str, str]:
         length = r.headers.get("Content-Length")
         total = offset + int(length) if length else (remote.size or published.get("size"))
         total = int(total) if total else None
+        if remote.size is not None and total is not None and total != remote.size:  # fail before a long download
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{remote.name}: size mismatch: expected {remote.size}, the server sends {total} bytes ({url})"
+            )
         progress = _Progress(remote.name, total, offset, http.log)
         with open(part, "ab" if offset else "wb") as f:
             for chunk in r.iter_content(CHUNK):
