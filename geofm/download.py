@@ -42,7 +42,7 @@ LISTS = Path(__file__).resolve().parent / "tasks" / "downloads"
 RECORD = ".geofm-download.json"  # written into a fetched dataset: what was downloaded, and its hashes
 UNPACK = ("file", "tar", "tar.gz", "tgz", "zip")
 CHUNK = 1 << 20
-HEX64, HEX40, HEX32 = (re.compile(f"^[0-9a-f]{{{n}}}$") for n in (64, 40, 32))
+HEX64, HEX40 = (re.compile(f"^[0-9a-f]{{{n}}}$") for n in (64, 40))
 
 
 class DownloadError(RuntimeError):
