@@ -5,7 +5,7 @@
 rule sample_data:
     """Small synthetic dataset in the real dataset's on-disk format (tasks.<task>.data_root unset)."""
     output:
-        directory(f"{EXP['sample_data']['root']}/{{task}}"),
+        directory(SAMPLE_DIR),
     log:
         L.log("sample_data", "{task}"),
     priority: PRIORITY_UNBLOCKS
@@ -15,6 +15,23 @@ rule sample_data:
         seed=EXP["sample_data"]["seed"],
     script:
         "../scripts/sample_data.py"
+
+
+rule fetch_data:
+    """The published dataset (tasks.<task>.download), downloaded on the login node, verified against
+    its checksums and unpacked into the task's layout (geofm/download.py)."""
+    output:
+        directory(f"{CACHE}/datasets/{{task}}"),
+    log:
+        L.log("fetch_data", "{task}"),
+    priority: PRIORITY_UNBLOCKS
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        downloads=EXP["downloads"],
+        cache=CACHE,
+    script:
+        "../scripts/fetch_data.py"
 
 
 rule validate_data:
@@ -64,17 +81,19 @@ rule selection_split:
 
 
 rule fetch_weights:
-    """Download pretrained backbone weights on the login node; compute jobs run offline."""
+    """Download pretrained backbone weights on the login node, verified (sha256) and cached by hub id,
+    file and revision; compute jobs run offline."""
     output:
-        f"{CACHE}/weights/{{model}}/backbone.pt",
+        f"{CACHE}/weights/{{weights}}/backbone.pt",
     log:
-        L.log("fetch_weights", "{model}"),
+        L.log("fetch_weights", "{weights}"),
     priority: PRIORITY_UNBLOCKS
     retries: 2
     conda:
         "../envs/geofm.yaml"
     params:
-        model=lambda w: EXP["models"][w.model],
-        cache=f"{CACHE}/huggingface",
+        model=lambda w: next(m for name, m in EXP["models"].items() if weights_key(name) == w.weights),
+        downloads=EXP["downloads"],
+        cache=CACHE,
     script:
         "../scripts/fetch_weights.py"

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from geofm import download, sample_data
 from geofm.download import DownloadError, Remote
@@ -419,3 +420,34 @@ def test_the_download_lists():
     assert len(landslide) == 2 * (3799 + 245 + 800)
     assert all(Path(r.url).parent.as_posix() == r.into for r in landslide)
     assert landslide[-1].url == "annotations/test/mask_800.h5"
+
+
+def test_workflow_downloads_a_dataset_verified_into_the_layout_it_reads(server, samples, tmp_path, shared_cache):
+    """`tasks.crop.download: true`: the fetch_data rule downloads the published files (here a mirror
+    on loopback with its own list, given through configuration), verifies and unpacks them, and the
+    dataset passes the task's validation."""
+    import dataclasses
+
+    from conftest import run_snakemake, write_config
+
+    entries = published_copy("crop", samples / "crop", server, prefix="/mirror/")
+    listed = tmp_path / "crop-mirror.yaml"
+    listed.write_text(yaml.safe_dump({"base_url": "unused", "files": [
+        {k: v for k, v in dataclasses.asdict(e).items() if v not in (None, "", 0) or k == "url"} for e in entries
+    ]}))  # fmt: skip
+    tasks = {name: {"enabled": False} for name in TASKS}
+    tasks["crop"] = {"download": True}
+    config = write_config(tmp_path / "config.yaml", experiment="dl", tasks=tasks, cache_dir=str(tmp_path / "cache"),
+                          downloads={"base_urls": {"crop": server.url + "mirror/"}, "lists": {"crop": str(listed)},
+                                     "trust_published": False, "timeout": [2, 5], "attempts": 2})  # fmt: skip
+    (tmp_path / "cache").mkdir()
+    for snapshot in shared_cache.glob("terratorch-registry-*.json"):
+        (tmp_path / "cache" / snapshot.name).write_bytes(snapshot.read_bytes())
+    result = run_snakemake(tmp_path, "--cores", "1", "results/dl/out/datasets/crop.json", configfile=config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = tmp_path / "cache" / "datasets" / "crop"
+    assert TASKS["crop"].check_layout(data) is None
+    assert tree(data) - {".geofm-download.json", ".snakemake_timestamp"} == tree(samples / "crop")
+    manifest = json.loads((tmp_path / "results" / "dl" / "out" / "datasets" / "crop.json").read_text())
+    assert manifest["validation"]["errors"] == [] and manifest["validation"]["checked_files"] > 0
+    assert any(h.get("Range") is None for h in server.hits("/mirror/" + entries[0].url))
