@@ -13,9 +13,14 @@ python3 -m pip --version >/dev/null 2>&1 || { echo "bootstrap: python3 with pip 
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv>=0.13,<0.14"
 UV="$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")"
 
-# pyproject.toml and uv.lock must agree (checked without network when they do).
-"$UV" lock --check --quiet ||
-  { echo "bootstrap: pyproject.toml and uv.lock disagree: run 'uv lock' and commit uv.lock" >&2; exit 1; }
+# pyproject.toml and uv.lock must agree (checked without network when they do; uv needs a Python
+# that requires-python allows, also for the check).
+if ! out="$("$UV" lock --check 2>&1)"; then
+  echo "$out" >&2
+  case "$out" in *"needs to be updated"*)
+    echo "bootstrap: pyproject.toml and uv.lock disagree: run 'uv lock' and commit uv.lock" >&2 ;; esac
+  exit 1
+fi
 
 # Package sources from pip's configuration (files, environment), each only if it exists here.
 pip_sources() {
