@@ -4,6 +4,7 @@ the running environment is the locked one, and the manifest's drift check report
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -105,3 +106,11 @@ def test_drift_names_a_package_whose_version_differs_from_the_lock(tmp_path):
     installed = {"numpy": numpy, "not-in-the-lock": "0.1", "pip": "25.0", "geofm-pipeline": "0.0.0"}
     status = lockfile.lock_status(installed=installed)
     assert status["drift"] == [] and status["unlocked"] == {"not-in-the-lock": "0.1"}
+
+
+def test_readme_names_the_locked_versions():
+    section = (REPO / "README.md").read_text().split("### Set-up: one lock, three views", 1)[1].split("\n## ", 1)[0]
+    pins = re.findall(r"\| ([a-z][a-z0-9-]*) \| (\d[\w.]*) \|", section)
+    assert len(pins) >= 13
+    locked = lockfile.locked_versions()
+    assert [(name, version) for name, version in pins if locked.get(name) != {version}] == []
