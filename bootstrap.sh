@@ -49,4 +49,5 @@ req=.venv/uv-lock-export.txt
 # --compile-bytecode: some machines set PYTHONDONTWRITEBYTECODE, and every CLI start would recompile.
 "$UV" pip install --quiet --python .venv/bin/python --compile-bytecode --no-deps \
   --index-strategy unsafe-best-match "${src[@]}" -r "$req" -e .
-echo "bootstrap: .venv ready ($(.venv/bin/python -c 'import terratorch, snakemake; print("terratorch", terratorch.__version__ if hasattr(terratorch, "__version__") else "?", "snakemake", snakemake.__version__)' 2>/dev/null))"
+echo "bootstrap: .venv ready ($(.venv/bin/python -c 'from importlib.metadata import version as v
+print(", ".join(f"{p} {v(p)}" for p in ("torch", "terratorch", "snakemake")))'))"
