@@ -32,8 +32,10 @@ def test_lock_agrees_with_pyproject():
 def test_lock_check_fails_when_pyproject_changes(tmp_path):
     shutil.copy(REPO / "uv.lock", tmp_path)
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"tenacity==9.2.1"' in pyproject
-    (tmp_path / "pyproject.toml").write_text(pyproject.replace('"tenacity==9.2.1"', '"tenacity==9.2.0"'))
+    assert "\ndependencies = [\n" in pyproject
+    (tmp_path / "pyproject.toml").write_text(
+        pyproject.replace("\ndependencies = [\n", '\ndependencies = [\n    "six",\n')
+    )
     assert _uv("lock", "--check", "--offline", cwd=tmp_path).returncode != 0
 
 
