@@ -41,8 +41,12 @@ wildcard_constraints:
 
 
 def settings(wildcards):
-    """Everything that defines one cell: rendered into its config (the rerun trigger)."""
-    return experiment_config.cell_settings(EXP, wildcards.task, wildcards.model, int(wildcards.seed))
+    """Everything that defines one cell, paths included: rendered into its config (the rerun
+    trigger of everything downstream)."""
+    cell = experiment_config.cell_settings(EXP, wildcards.task, wildcards.model, int(wildcards.seed))
+    cell["splits_dir"] = L.splits_dir(wildcards.task)
+    cell["weights_file"] = weights_file(wildcards.model) if needs_download(wildcards.model) else None
+    return cell
 
 
 def task_data(wildcards):
