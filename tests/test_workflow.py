@@ -138,11 +138,11 @@ def test_summary_rows_complete(results):
 
 def test_every_rule_logged_and_heavy_rules_benchmarked(results):
     logs = results / "logs"
-    rules = ("sample_data", "render_config", "preflight", "finetune", "evaluate", "plot_predictions", "baseline")
-    rules += ("learning_curves", "validate_data")
+    rules = ("sample_data", "selection_split", "validate_data", "render_config", "finetune", "evaluate")
+    rules += ("plot_predictions", "summarize")
     for rule in rules:
         assert any((logs / rule).iterdir()), rule
-    for rule in ("preflight", "finetune", "evaluate"):
+    for rule in ("finetune", "evaluate"):
         tsv = sorted((results / "benchmarks" / rule).glob("*.tsv"))
         assert tsv and "max_rss" in tsv[0].read_text()
 
