@@ -3,7 +3,7 @@ import os
 import sys
 
 from geofm import config as experiment_config
-from geofm import manifest, sample_data
+from geofm import download, manifest, sample_data
 from geofm.layout import ResultsLayout
 from geofm.tasks import TASKS
 
@@ -93,9 +93,9 @@ def needs_download(model):
 
 
 def weights_key(model):
-    """A cache folder name made of what identifies the file: hub id, file name and revision."""
+    """The weights cache is keyed by what identifies the file: hub id, file name and revision."""
     m = EXP["models"][model]
-    return "--".join(str(part).replace("/", "--") for part in (m["hub_id"], m["hub_filename"], m["hub_revision"]))
+    return download.weights_key(m["hub_id"], m["hub_filename"], m["hub_revision"])
 
 
 def weights_file(model):
