@@ -123,18 +123,33 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 def make_storage(storage: str, heartbeat: dict | None = None):
     """An RDB URL (contains '://') or the path of a journal file (created with its folder)."""
     hb = {**HEARTBEAT, **(heartbeat or {})}
-    kwargs = {
-        "heartbeat_interval": hb["interval"],
-        "grace_period": hb["grace_period"],
-        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=hb["max_retry"]),
-    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat arguments are "experimental"
+        kwargs = {
+            "heartbeat_interval": hb["interval"],
+            "grace_period": hb["grace_period"],
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=hb["max_retry"]),
+        }
         if "://" in storage:
-            engine = {} if storage.startswith("sqlite") else {"pool_pre_ping": True}  # long trials: stale connections
-            return RDBStorage(storage, engine_kwargs=engine, **kwargs)
+            return _rdb_storage(storage, kwargs)
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return HeartbeatJournalStorage(JournalFileBackend(str(storage)), **kwargs)
+
+
+def _rdb_storage(url: str, kwargs: dict, attempts: int = 5) -> RDBStorage:
+    """RDBStorage, retried: W workers starting together race to create its tables (PostgreSQL
+    then refuses all but one with a duplicate-key error)."""
+    import sqlalchemy.exc
+
+    engine = {} if url.startswith("sqlite") else {"pool_pre_ping": True}  # long trials: stale connections
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, **kwargs)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def make_sampler(cfg: dict | None = None, worker: int = 0):
@@ -285,6 +300,12 @@ def _guard_reported_split(cli, config_path: Path, job: dict) -> dict:
             f"tasks.{job['task']}: {overlap} files a trial would train or select on are in the reported split; "
             "fix: make the training and selection splits disjoint from the test split"
         )
+    return {"splits": facts, "served_files_in_reported_split": overlap, "requested": refuse_reported_loaders(dm)}
+
+
+def refuse_reported_loaders(datamodule) -> list[str]:
+    """Make the datamodule's test and predict loaders raise ReportedSplitRead; the returned list
+    names each one asked for (recorded in the trial's user attrs)."""
     requested: list[str] = []
     for stage in ("test", "predict"):
 
@@ -292,8 +313,8 @@ def _guard_reported_split(cli, config_path: Path, job: dict) -> dict:
             requested.append(_stage)
             raise ReportedSplitRead(f"a trial asked for the {_stage} loader: trials are scored on the selection split")
 
-        setattr(dm, f"{stage}_dataloader", refuse)
-    return {"splits": facts, "served_files_in_reported_split": overlap, "requested": requested}
+        setattr(datamodule, f"{stage}_dataloader", refuse)
+    return requested
 
 
 def _record(trial: optuna.Trial, monitor, guard: dict | None, trainer, pruned: bool) -> None:
@@ -311,8 +332,17 @@ def _record(trial: optuna.Trial, monitor, guard: dict | None, trainer, pruned: b
     if guard is not None:
         attrs["reported_split_loaders_requested"] = len(guard["requested"])
         attrs["served_files_in_reported_split"] = guard["served_files_in_reported_split"]
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    _set_attrs(trial, attrs)
+
+
+def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
+    """User attrs of a trial that another worker may have failed as stale meanwhile (then they
+    cannot be written, and the trial's retry records its own)."""
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+    except UpdateFinishedTrialError:
+        pass
 
 
 def objective(
@@ -324,6 +354,7 @@ def objective(
     n_trials: int,
     threads: int,
     keep_checkpoints: bool = False,
+    current: dict | None = None,
 ) -> float:
     """One trial: the sampled parameters in the cell's config, a fit with Optuna's Lightning
     pruning callback on the selection metric, the best selection score as the value."""
@@ -332,9 +363,11 @@ def objective(
     from geofm import training
     from geofm.usage import Monitor
 
+    if current is not None:
+        current["trial_id"] = trial._trial_id
     earlier = study_trials(trial.study, (*FINISHED, TrialState.RUNNING))
     if sum(t.number < trial.number for t in earlier) >= n_trials:
-        trial.set_user_attr("surplus", True)
+        _set_attrs(trial, {"surplus": True})
         raise SurplusTrial(f"{n_trials} earlier trials already fill the budget (a concurrent worker started one)")
     retried = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # set by the retry callback
     params = suggest(trial, space)
@@ -344,9 +377,9 @@ def objective(
     config = apply_params(_rebase(base, base["trainer"]["default_root_dir"], str(run_dir)), params, space)
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    trial.set_user_attr("run_dir", str(run_dir))
+    _set_attrs(trial, {"run_dir": str(run_dir)})
     if retried is not None:
-        trial.set_user_attr("retry_of", retried)
+        _set_attrs(trial, {"retry_of": retried})
     rt = training.runtime_settings(job["trainer"], threads)
     monitor, cli, guard, pruned = Monitor(), None, None, False
     try:
@@ -360,16 +393,22 @@ def objective(
                     f"hpo: the study is to {trial.study.direction.name.lower()} but {callback.monitor} is selected "
                     f"with mode {callback.mode}; fix: open the study with direction {callback.mode}"
                 )
-            trial.set_user_attr("monitor", callback.monitor)
+            _set_attrs(trial, {"monitor": callback.monitor})
             guard = _guard_reported_split(cli, config_path, job)
-            trial.set_user_attr("splits", guard["splits"])
+            _set_attrs(trial, {"splits": guard["splits"]})
             cli.trainer.callbacks.append(PyTorchLightningPruningCallback(trial, callback.monitor))
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            if callback.best_model_score is None:
+                raise RuntimeError(
+                    f"{callback.monitor} was never logged: no validation ran (a training split with fewer "
+                    "chips than batch_size yields no batch when the loader drops the last one)"
+                )
+            value = float(callback.best_model_score)
     except optuna.TrialPruned:
         pruned = True
         raise
     except Exception as e:
-        trial.set_user_attr("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        _set_attrs(trial, {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
         raise
     finally:
         _record(trial, monitor, guard, cli.trainer if cli else None, pruned)
@@ -377,9 +416,7 @@ def objective(
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         cli = None
         _release_memory()
-    if callback.best_model_score is None:
-        raise RuntimeError(f"{callback.monitor} was never logged: no validation epoch ran")
-    return float(callback.best_model_score)
+    return value
 
 
 def _release_memory() -> None:
@@ -456,6 +493,7 @@ def run_worker(
     """
     check_space(space)
     base = yaml.safe_load(Path(config).read_text())
+    current: dict = {}  # the trial this worker runs (its storage id)
     func = partial(
         objective,
         base=base,
@@ -465,6 +503,7 @@ def run_worker(
         n_trials=n_trials,
         threads=threads,
         keep_checkpoints=keep_checkpoints,
+        current=current,
     )
     budget = _Budget(n_trials, max_failures)
     poll = poll_s or study._storage.get_heartbeat_interval() or 5
@@ -475,12 +514,20 @@ def run_worker(
             _fail_stale(study)  # a stale trial goes FAIL and its retry WAITING: the budget opens again
             time.sleep(poll)
             continue
-        study.optimize(
-            func,
-            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), budget],
-            catch=(Exception,),
-            gc_after_trial=True,
-        )
+        try:
+            study.optimize(
+                func,
+                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), budget],
+                catch=(Exception,),
+                gc_after_trial=True,
+            )
+        except (ValueError, UpdateFinishedTrialError) as e:
+            # Optuna could not record this worker's trial because another worker had failed it
+            # as stale (its heartbeat came later than the grace period): the retry re-runs it.
+            lost = current.get("trial_id")
+            if lost is None or study._storage.get_trial(lost).state != TrialState.FAIL:
+                raise
+            optuna.logging.get_logger("optuna").warning(f"trial {lost} was failed as stale while it ran here: {e}")
     return {"ran": budget.ran, "finished": n_finished(study), "counts": counts(study)}
 
 
