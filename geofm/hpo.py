@@ -28,6 +28,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import optuna
 import yaml
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
@@ -152,16 +153,19 @@ def _rdb_storage(url: str, kwargs: dict, attempts: int = 5) -> RDBStorage:
     raise AssertionError("unreachable")
 
 
-def make_sampler(cfg: dict | None = None, worker: int = 0):
-    """TPE by default. Worker w seeds its sampler with seed + w: W workers sharing a seed would
-    propose the same first points; with one worker the sequence of proposals is reproducible."""
+def make_sampler(cfg: dict | None = None, worker: int = 0, started: int = 0):
+    """TPE by default, seeded from (seed, worker, started): `started` is the number of trials the
+    study held when this worker opened it. Workers sharing one seed would propose the same first
+    points, and so would a re-run worker repeat the points of the worker it replaces (TPE samples
+    its first trials at random). Given the same history, the proposals are reproducible."""
     cfg = dict(cfg or {})
     name = cfg.pop("name", "tpe")
     if name not in SAMPLERS:
         raise SearchError(f"hpo.sampler.name: unknown sampler {name!r}; fix: use one of {', '.join(SAMPLERS)}")
     seed = cfg.pop("seed", 0)
-    kwargs = {**SAMPLER_DEFAULTS.get(name, {}), **cfg}
-    return SAMPLERS[name](seed=None if seed is None else seed + worker, **kwargs)
+    if seed is not None:
+        seed = int(np.random.SeedSequence([seed, worker, started]).generate_state(1)[0])
+    return SAMPLERS[name](seed=seed, **{**SAMPLER_DEFAULTS.get(name, {}), **cfg})
 
 
 def make_pruner(cfg: dict | None = None):
@@ -197,10 +201,11 @@ def open_study(
             study_name=name,
             storage=make_storage(storage, heartbeat),
             direction=wanted,
-            sampler=make_sampler(sampler_cfg, worker),
+            sampler=optuna.samplers.RandomSampler(),  # replaced below, once the history is known
             pruner=make_pruner(pruner_cfg),
             load_if_exists=True,
         )
+        study.sampler = make_sampler(sampler_cfg, worker, started=len(study_trials(study)))
     if study.direction.name.lower() != wanted:
         raise SearchError(
             f"hpo: study {name!r} in {storage} was created to {study.direction.name.lower()}, not to {wanted}; "
@@ -326,7 +331,8 @@ def _record(trial: optuna.Trial, monitor, guard: dict | None, trainer, pruned: b
         "gpu_hours": gpu.get("gpu_hours"),
         "device": gpu.get("name") or "cpu",
         "peak_rss_mb": report["peak_rss_mb"],
-        "epochs": trainer.current_epoch if trainer is not None else None,
+        # Pruning stops a trial in its epoch's validation (current_epoch is that epoch, 0-based).
+        "epochs": trainer.current_epoch + int(pruned) if trainer is not None else None,
         "pruned_at_epoch": trainer.current_epoch if pruned and trainer is not None else None,
     }
     if guard is not None:
@@ -580,14 +586,14 @@ def trials_table(study: optuna.Study) -> list[dict]:
     rows = []
     for t in trials:
         a = t.user_attrs
-        note = "; ".join(
-            filter(None, [
-                f"retry of trial {a['retry_of']}" if a.get("retry_of") is not None else "",
-                "surplus: the budget was full when it started" if a.get("surplus") else "",
-                a.get("error", "") if not a.get("surplus") else "",
-                "worker lost (heartbeat stale)" if t.state == TrialState.FAIL and not a.get("wall_s") else "",
-            ])
-        )  # fmt: skip
+        notes = [f"retry of trial {a['retry_of']}"] if a.get("retry_of") is not None else []
+        if a.get("surplus"):
+            notes.append("surplus: the budget was full when it started")
+        elif a.get("error"):
+            notes.append(a["error"])
+        elif t.state == TrialState.FAIL and "wall_s" not in a:
+            notes.append("worker lost (heartbeat stale)")
+        note = "; ".join(notes)
         rows.append({
             "number": t.number, "state": t.state.name, "value": t.value,
             **{f"param_{n}": t.params.get(n) for n in names},
@@ -628,19 +634,20 @@ def plots(study: optuna.Study, out_dir: Path | str) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"history": out_dir / "optimization_history.png", "importances": out_dir / "param_importances.png"}
     vis = optuna.visualization.matplotlib
+    monitors = {t.user_attrs.get("monitor") for t in study_trials(study)} - {None}
+    target = monitors.pop() if len(monitors) == 1 else "Objective Value"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         for name, draw in (("history", vis.plot_optimization_history), ("importances", vis.plot_param_importances)):
             try:
-                ax = draw(study)
+                ax = draw(study, target_name=target)
                 fig = ax.figure
             except (ValueError, RuntimeError) as e:  # too few trials for importances
                 fig, ax = plt.subplots(figsize=(6, 2))
                 ax.axis("off")
                 ax.text(0.5, 0.5, f"{name}: not available yet ({e})", ha="center", va="center", wrap=True)
             fig.set_size_inches(7, 4.5)
-            fig.tight_layout()
-            fig.savefig(paths[name], dpi=100)
+            fig.savefig(paths[name], dpi=100, bbox_inches="tight")
             plt.close(fig)
     return {k: str(v) for k, v in paths.items()}
 
