@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip-study", action="store_true", help="only one trial versus a plain fine-tune")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="geofm-hpo-bench-"))
     sample_data.write(TASK, work / "data", seed=0)
@@ -106,7 +107,8 @@ def main() -> None:
     job = {"task": TASK, "trainer": CPU, "data_root": str(work / "data"), "splits_dir": str(work / "splits"),
            "allow_selection_on_reported_split": False}  # fmt: skip
     result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
-    result["tiny_study"] = tiny_study(config, job, work)
+    if not args.skip_study:
+        result["tiny_study"] = tiny_study(config, job, work)
     result["one_trial_vs_plain"] = one_trial_vs_plain(config, job, work, args.repeats)
     result["load_average_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)

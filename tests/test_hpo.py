@@ -64,6 +64,8 @@ def test_space_layers_and_config_paths():
     assert out["optimizer"]["init_args"]["lr"] == 1e-4 and out["data"]["init_args"]["batch_size"] == 4
     assert out["model"]["init_args"]["model_args"]["head_dropout"] == 0.2
     assert config["data"]["init_args"]["batch_size"] == 8  # the input is not changed
+    assert hpo.as_overrides({"lr": 1e-4, "head_dropout": 0.2}, space) == {
+        "lr": 1e-4, "set": {"model.init_args.model_args.head_dropout": 0.2}}  # fmt: skip
     with pytest.raises(hpo.SearchError, match="fix: add path"):
         hpo.merge_space({"dropout": {"type": "float", "low": 0, "high": 1}})
     with pytest.raises(hpo.SearchError, match="log scale"):
