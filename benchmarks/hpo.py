@@ -79,9 +79,9 @@ def tiny_study(config: Path, job: dict, work: Path) -> dict:
                 "trials_dir": str(work / "tiny-trials"), "threads": 1}  # fmt: skip
         path = work / f"tiny{worker}.json"
         path.write_text(json.dumps(spec))
-        log = open(work / f"tiny{worker}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "geofm.hpo", str(path)], cwd=REPO, env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        with open(work / f"tiny{worker}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "geofm.hpo", str(path)], cwd=REPO, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
     codes = [p.wait(1800) for p in procs]
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name="tiny", storage=hpo.make_storage(str(work / "tiny.journal")))

@@ -611,7 +611,7 @@ def trials_table(study: optuna.Study) -> list[dict]:
             notes.append("surplus: the budget was full when it started")
         elif a.get("error"):
             notes.append(a["error"])
-        elif t.state == TrialState.FAIL and "wall_s" not in a:
+        elif t.state == TrialState.FAIL:  # failed without an error of its own: failed as stale
             notes.append("worker lost (heartbeat stale)")
         note = "; ".join(notes)
         rows.append({

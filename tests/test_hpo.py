@@ -119,11 +119,11 @@ def _start_worker(cell, storage: str, work: Path, worker: int, phase: str) -> su
     path = work / f"{phase}-worker{worker}.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO), "LIGHTLY_DID_VERSION_CHECK": "True", "HF_HUB_OFFLINE": "1"}
-    out = open(work / f"{phase}-worker{worker}.out", "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "geofm.hpo", str(path)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    with open(work / f"{phase}-worker{worker}.out", "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "geofm.hpo", str(path)], cwd=REPO, env=env, stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
 
 
 def _tail(work: Path, phase: str) -> str:
@@ -196,7 +196,7 @@ def _check_resumed(run: dict) -> None:
     assert len(set(points)) == len(points), "a parameter point was trained twice"
     # Each killed trial is failed (heartbeat stale) and re-run once with the same parameters.
     for number in killed:
-        assert trials[number].state.name == "FAIL" and "wall_s" not in trials[number].user_attrs
+        assert trials[number].state.name == "FAIL" and "error" not in trials[number].user_attrs
         retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
         assert len(retries) == 1 and retries[0].params == trials[number].params
         assert retries[0].state in hpo.FINISHED and retries[0].user_attrs["retry_of"] == number

@@ -152,7 +152,8 @@ def test_leaderboard_csv_has_exactly_the_columns_in_order_and_one_row_per_cell(t
         "dataset,Metric,experiment_name,partition name,backbone,decoder,batch_size_selection,frozen_or_full_ft,"
         "early_stop_patience,n_trials,Seed,data_percentages,batch_size,weight_decay,lr,test metric"
     )
-    read = list(csv.DictReader(open(path)))
+    with open(path, newline="") as f:
+        read = list(csv.DictReader(f))
     assert len(read) == len(cells) == 4
     assert {(r["dataset"], r["Seed"]) for r in read} == {(t, str(s)) for t in ("landslide", "biomass") for s in (0, 1)}
     land = next(r for r in read if r["dataset"] == "landslide" and r["Seed"] == "1")
