@@ -369,6 +369,15 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
         pass
 
 
+def check_budget(trial: optuna.Trial, n_trials: int) -> None:
+    """Raise SurplusTrial when `n_trials` trials numbered before this one are finished or running:
+    two workers that both saw a free slot started a trial each (the later one gives way)."""
+    earlier = study_trials(trial.study, (*FINISHED, TrialState.RUNNING))
+    if sum(t.number < trial.number for t in earlier) >= n_trials:
+        _set_attrs(trial, {"surplus": True})
+        raise SurplusTrial(f"{n_trials} earlier trials already fill the budget (a concurrent worker started one)")
+
+
 def objective(
     trial: optuna.Trial,
     base: dict,
@@ -389,10 +398,7 @@ def objective(
 
     if current is not None:
         current["trial_id"] = trial._trial_id
-    earlier = study_trials(trial.study, (*FINISHED, TrialState.RUNNING))
-    if sum(t.number < trial.number for t in earlier) >= n_trials:
-        _set_attrs(trial, {"surplus": True})
-        raise SurplusTrial(f"{n_trials} earlier trials already fill the budget (a concurrent worker started one)")
+    check_budget(trial, n_trials)
     retried = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # set by the retry callback
     params = suggest(trial, space)
     run_dir = Path(trials_dir) / f"trial{trial.number:04d}"
@@ -547,9 +553,10 @@ def run_worker(
                 catch=(Exception,),
                 gc_after_trial=False,  # the objective collects once, before freeing GPU memory
             )
-        except (ValueError, UpdateFinishedTrialError) as e:
+        except (ValueError, AssertionError, UpdateFinishedTrialError) as e:
             # Optuna could not record this worker's trial because another worker had failed it
             # as stale (its heartbeat came later than the grace period): the retry re-runs it.
+            # (Optuna 5.0 raises ValueError, or AssertionError when the objective returned a value.)
             lost = current.get("trial_id")
             if lost is None or study._storage.get_trial(lost).state != TrialState.FAIL:
                 raise

@@ -81,6 +81,35 @@ def test_workers_seed_their_samplers_apart_and_reproducibly():
     assert first(0, started=2) != first(0)  # a re-run worker does not repeat its predecessor's points
 
 
+def test_a_trial_started_when_the_budget_is_full_gives_way():
+    study = optuna.create_study()
+    first, second = study.ask(), study.ask()  # two workers saw one free slot of a budget of 1
+    hpo.check_budget(first, 1)
+    with pytest.raises(hpo.SurplusTrial):
+        hpo.check_budget(second, 1)
+    assert study.get_trials()[1].user_attrs == {"surplus": True}
+
+
+def test_a_worker_whose_trial_was_failed_as_stale_meanwhile_carries_on(tmp_path, monkeypatch):
+    """Another worker failed this worker's running trial (its heartbeat came late): Optuna cannot
+    record the result; the worker goes on and the study still ends with the requested count."""
+    calls = []
+
+    def fake_objective(trial, current, **_):
+        current["trial_id"] = trial._trial_id
+        calls.append(trial.number)
+        if len(calls) == 1:
+            trial.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return float(len(calls))
+
+    monkeypatch.setattr(hpo, "objective", fake_objective)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(tmp_path / "run")}}))
+    study = hpo.open_study("late", str(tmp_path / "s.journal"), "max", heartbeat=HEARTBEAT)
+    result = hpo.run_worker(study, config, {}, {"lr": hpo.DEFAULT_SPACE["lr"]}, 2, tmp_path / "trials")
+    assert result["counts"] == {"FAIL": 1, "COMPLETE": 2} and calls == [0, 1, 2]
+
+
 def test_the_reported_split_loaders_refuse_and_are_recorded():
     class DataModule:
         def test_dataloader(self):
