@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def main() -> None:
         result["tiny_study"] = tiny_study(config, job, work)
     result["one_trial_vs_plain"] = one_trial_vs_plain(config, job, work, args.repeats)
     result["load_average_after"] = os.getloadavg()
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints and sample data: about 1 GB
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
