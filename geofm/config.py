@@ -72,6 +72,10 @@ def schema() -> dict:
         sub["properties"]["enabled"]["default"] = task.default_enabled
         tasks["properties"][name] = {**sub, "default": {}, "description": f"{task.title}."}
         model["task_overrides"]["properties"][name] = {"$ref": "#/$defs/overrides"}
+        doc["properties"]["hpo"]["properties"]["task_space"]["properties"][name] = {
+            "type": "object",
+            "description": f"{task.title}: changes to the search space.",
+        }
         model["reference"]["properties"][name] = {"$ref": "#/$defs/reference"}
     return doc
 
@@ -270,6 +274,11 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
                     "backbone with a known depth; fix: list the encoder layers to feed the decoder"
                 )
             model["neck_indices"] = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
+    unknown = sorted(set(config["hpo"]["model_space"]) - set(config["models"]))
+    if unknown:
+        raise ConfigError(
+            f"hpo.model_space: {unknown[0]!r} is not a model of this experiment; fix: use a key of models"
+        )
     config["enabled_tasks"] = enabled
     return config
 
@@ -344,6 +353,17 @@ def cells(config: dict) -> list[Cell]:
     ]
 
 
+def search_space(config: dict, task: str, model: str) -> dict:
+    """The search space of a task x model: the default, the config's space, the task's, the model's."""
+    from geofm import hpo
+
+    h = config["hpo"]
+    try:
+        return hpo.merge_space(hpo.DEFAULT_SPACE, h["space"], h["task_space"].get(task), h["model_space"].get(model))
+    except hpo.SearchError as e:
+        raise ConfigError(f"{e} (task {task}, model {model})") from None
+
+
 def cell_settings(config: dict, task: str, model: str, seed: int) -> dict:
     """Everything that defines one cell's fine-tune: the render step's parameters.
 
@@ -412,7 +432,7 @@ def describe(doc: dict | None = None) -> str:
 
     def walk(node: dict, prefix: str) -> None:
         node = {**defs.get(node.get("$ref", "#/x/").split("/")[-1], {}), **node}
-        if prefix in ("tasks.", "models.<name>.task_overrides.", "models.<name>.reference."):
+        if prefix in ("tasks.", "models.<name>.task_overrides.", "models.<name>.reference.", "hpo.task_space."):
             sub = next(iter(node["properties"].values()), {})  # the same for every task
             names = ", ".join(f"`{n}`" + ("" if t.default_enabled else " (off by default)") for n, t in TASKS.items())
             lines.append(f"| `{prefix}<task>` | {kind(sub)} | | One entry per task: {names}. |")

@@ -4,6 +4,7 @@
       out/<task>/<model>/seed<N>/   config.yaml  config.effective.yaml  metrics.json  finetune.json
                                     evaluate.json  curves.csv
       out/<task>/<model>/preflight.json
+      out/hpo/<task>/<model>/       the search (hpo.enabled): best.json, trials.csv, plots
       out/summary.csv ...           experiment-level tables
       err/<task>_<model>_seed<N>.err
       predictions/<task>/<model>/seed<N>/<chip>.png
@@ -108,6 +109,15 @@ class ResultsLayout:
 
     def prediction_arrays(self, task=TASK, model=MODEL, seed=SEED) -> str:
         return f"{self.cell_scratch(task, model, seed)}/predictions.npz"
+
+    # hyperparameter search of a task x model (the search's files; its trials run in scratch)
+    def hpo_file(self, name: str, task=TASK, model=MODEL) -> str:
+        """base.yaml, worker<W>.json, best.json, trials.csv, optimization_history.png, ..."""
+        return f"{self.out}/hpo/{task}/{model}/{name}"
+
+    def hpo_scratch(self, task=TASK, model=MODEL) -> str:
+        """The study's journal (unless an RDB holds it) and its trials' run folders."""
+        return f"{self.scratch}/hpo/{task}/{model}"
 
     # per task and experiment-level outputs
     def splits_dir(self, task=TASK) -> str:

@@ -11,7 +11,9 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def ledger(summary_rows: list[dict]) -> list[dict]:
+def ledger(summary_rows: list[dict], searches: list[dict] | None = None) -> list[dict]:
+    """Per cell, the seeds' TOTAL, then (with a hyperparameter search) one row per task x model's
+    study and the search's TOTAL. searches: {task, model, cost} (geofm.hpo.cost)."""
     rows = []
     for r in summary_rows:
         wall = sum(v for v in (r.get("finetune_wall_s"), r.get("evaluate_wall_s")) if v is not None)
@@ -27,7 +29,20 @@ def ledger(summary_rows: list[dict]) -> list[dict]:
             "headline_per_device_hour": round(headline / device_hours, 6) if headline is not None and device_hours else None,
         })  # fmt: skip
     rows.append(total(rows))
+    studies = [search_row(s) for s in searches or []]
+    if studies:
+        rows += studies + [{**total(studies), "task": "TOTAL search", "status": f"{len(studies)} studies"}]
     return rows
+
+
+def search_row(search: dict) -> dict:
+    cost = search["cost"]
+    return {
+        **dict.fromkeys(COLUMNS), "task": f"search {search['task']}", "model": search["model"], "seed": "",
+        "status": f"{cost['finished']} of {cost['trials']} trials finished", "wall_s": cost["wall_s"],
+        "cpu_hours": cost["cpu_hours"], "gpu_hours": cost["gpu_hours"],
+        "device_hours": cost["gpu_hours"] or cost["cpu_hours"],
+    }  # fmt: skip
 
 
 def total(rows: list[dict]) -> dict:

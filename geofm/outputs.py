@@ -1,5 +1,6 @@
 """Every experiment-level output, written from the cells' files through the results layout:
-summary, statistics across seeds, ranking, per-class scores, cost ledger, learning curves,
+summary, statistics across seeds, ranking, per-class scores, cost ledger (with the search's),
+the GEO-Bench-2 view (IQM, probability of improvement, leaderboard CSV), learning curves,
 provenance manifest and the report's front page. One cheap step: the `summarize` rule runs it
 when every cell finished, the workflow's onerror handler when some did not (marking them)."""
 
@@ -13,8 +14,10 @@ def write_all(layout: ResultsLayout, cells, settings: dict) -> dict:
     """settings: experiment (name, description), tasks, bootstrap, references, dpi, provenance."""
     document = summary.write(layout, cells, settings["experiment"])
     aggregate = tables.write_aggregate(layout, cells, settings["bootstrap"], settings["references"])
-    total = tables.write_cost(layout, document["rows"])
+    studies = tables.searches(layout, cells)
+    totals = tables.write_cost(layout, document["rows"], studies)
+    iqm = tables.write_protocol(layout, cells, settings["bootstrap"], settings["experiment"]["experiment"], studies)
     plots.write_curves(layout, cells, settings["dpi"])
     provenance = manifest.write(layout, cells, settings["tasks"], settings["provenance"])
-    overview.write(layout, settings["experiment"], cells, aggregate, document, total, provenance["lock"])
+    overview.write(layout, settings["experiment"], cells, aggregate, document, totals, iqm, provenance["lock"])
     return document

@@ -33,9 +33,10 @@ def build(
     description: str,
     aggregate: dict,
     summary: dict,
-    cost_total: dict,
+    costs: dict[str, dict],
     curves: dict[str, Path],
     predictions: dict[str, Path],
+    iqm: dict | None = None,
 ) -> str:
     headline = []
     for r in aggregate["rows"]:
@@ -97,10 +98,12 @@ def build(
             [("overall_rank", "rank"), ("model", "model"), ("mean_rank", "mean rank")]
             + [(f"rank_{t}", t) for t in TASKS],
         ),
+        *_iqm_section(iqm),
         "<h3>Cost</h3>",
         _table(
-            [cost_total],
+            [{"what": what, **row} for what, row in costs.items()],
             [
+                ("what", ""),
                 ("wall_s", "wall time (s)"),
                 ("cpu_hours", "CPU-hours"),
                 ("gpu_hours", "GPU-hours"),
@@ -118,7 +121,46 @@ def build(
     return "\n".join(parts)
 
 
-def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, cost_total: dict, lock: dict) -> Path:
+def _iqm_section(iqm: dict | None) -> list[str]:
+    """IQM across seeds with stratified bootstrap intervals (geofm/protocol.py)."""
+    if not iqm or not iqm.get("overall"):
+        return []
+
+    def interval(row, low="ci_low", high="ci_high"):
+        return f"[{row[low]:.4g}, {row[high]:.4g}]" if row.get(low) is not None else row.get("note", "")
+
+    overall = [{**r, "interval": interval(r)} for r in iqm["overall"]]
+    per_task = [{**r, "interval": interval(r)} for r in iqm["per_task"]]
+    return [
+        "<h3>IQM across seeds (GEO-Bench-2)</h3>",
+        "<p>Interquartile mean of the headline metric, with a bootstrap interval stratified by task; overall: of "
+        "the per-task min-max normalised scores (bounds in iqm.json).</p>",
+        _table(
+            overall,
+            [
+                ("model", "model"),
+                ("tasks", "tasks"),
+                ("iqm_normalised", "IQM (normalised)"),
+                ("interval", "interval"),
+                ("leaky", "splits"),
+            ],
+        ),  # fmt: skip
+        _table(
+            per_task,
+            [
+                ("task", "task"),
+                ("model", "model"),
+                ("metric", "metric"),
+                ("seeds", "seeds"),
+                ("iqm", "IQM"),
+                ("interval", "interval"),
+                ("leaky", "splits"),
+            ],
+        ),  # fmt: skip
+    ]
+
+
+def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, totals: dict, iqm: dict, lock: dict) -> Path:
     """out/overview.html: the front page, with one prediction plot per task (the first model's
     first seed that has one) and each task's learning curves."""
     predictions, curves = {}, {}
@@ -130,9 +172,11 @@ def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, cost_
                 break
         if Path(layout.curves_plot(task)).is_file():
             curves[task] = Path(layout.curves_plot(task))
-    numbers = {k: v for k, v in cost_total.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    costs = {"seeds": totals["seeds"]}
+    if totals.get("search"):
+        costs["search"] = totals["search"]
     page = build(
-        experiment["experiment"], experiment.get("description", ""), aggregate, summary, numbers, curves, predictions
+        experiment["experiment"], experiment.get("description", ""), aggregate, summary, costs, curves, predictions, iqm
     )
     if lock.get("drift"):  # the run's software is not what uv.lock says: say so at the top
         drifted = ", ".join(f"{d['name']} {d['installed']} (locked {d['locked']})" for d in lock["drift"])

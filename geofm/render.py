@@ -99,6 +99,17 @@ def render(recipe_text: str, settings: dict, paths: dict[str, str], notes: list[
     return config
 
 
+def with_best(settings: dict, best_file: Path) -> dict:
+    """A cell's settings with the search's best parameters (hpo_best's best.json) over its overrides."""
+    import json
+
+    best = json.loads(Path(best_file).read_text())
+    overrides = {**settings["overrides"], **{k: v for k, v in best["overrides"].items() if k != "set"}}
+    if settings["overrides"].get("set") or best["overrides"].get("set"):
+        overrides["set"] = {**settings["overrides"].get("set", {}), **best["overrides"].get("set", {})}
+    return {**settings, "overrides": overrides, "searched": {"params": best["params"], "trial": best["number"]}}
+
+
 def header(settings: dict, recipe: str, notes: list[str]) -> str:
     """The comment at the top of a cell's rendered config."""
     lines = [
@@ -107,6 +118,9 @@ def header(settings: dict, recipe: str, notes: list[str]) -> str:
         "trainer.precision 'auto' and num_workers 'auto' are decided by the job for its hardware;",
         "config.effective.yaml beside this file is what actually ran.",
     ]
+    if settings.get("searched"):
+        searched = ", ".join(f"{k}={v}" for k, v in settings["searched"]["params"].items())
+        lines.append(f"Searched (best trial {settings['searched']['trial']}): {searched}")
     if settings.get("allow_selection_on_reported_split"):
         lines.append("allow_selection_on_reported_split: true (a leak is not refused; outputs are marked LEAKY)")
     if notes:

@@ -29,6 +29,7 @@ SAMPLE_DIR = f"{EXP['sample_data']['root']}/{{task}}-seed{EXP['sample_data']['se
 PRIORITY_UNBLOCKS = 20
 PRIORITY_LONG = 10
 CELLS = experiment_config.cells(EXP)
+HPO = EXP["hpo"]
 MODELS = list(EXP["models"])
 HOLDOUT_TASKS = [t for t in TASKS if TASKS[t].holdout]
 
@@ -37,15 +38,20 @@ wildcard_constraints:
     task="|".join(TASKS),
     model="|".join(MODELS),
     seed=r"\d+",
+    worker=r"\d+",
     weights=r"[^/]+",
 
 
 def settings(wildcards):
     """Everything that defines one cell, paths included: rendered into its config (the rerun
     trigger of everything downstream)."""
-    cell = experiment_config.cell_settings(EXP, wildcards.task, wildcards.model, int(wildcards.seed))
-    cell["splits_dir"] = L.splits_dir(wildcards.task)
-    cell["weights_file"] = weights_file(wildcards.model) if needs_download(wildcards.model) else None
+    return cell_settings(wildcards.task, wildcards.model, int(wildcards.seed))
+
+
+def cell_settings(task, model, seed):
+    cell = experiment_config.cell_settings(EXP, task, model, seed)
+    cell["splits_dir"] = L.splits_dir(task)
+    cell["weights_file"] = weights_file(model) if needs_download(model) else None
     return cell
 
 
@@ -74,7 +80,9 @@ def holdout_lists(wildcards, name):
     return f"{L.splits_dir(wildcards.task)}/{name}.txt" if TASKS[wildcards.task].holdout else []
 
 
-def render_inputs(wildcards):
+def search_render_inputs(wildcards):
+    """What a config is rendered from: the recipe, the hold-out lists, the checked dataset and the
+    weights file."""
     inputs = {
         "recipe": EXP["tasks"][wildcards.task]["recipe"],
         "splits": holdout_lists(wildcards, "select"),
@@ -85,6 +93,35 @@ def render_inputs(wildcards):
     if needs_download(wildcards.model):
         inputs["weights"] = weights_file(wildcards.model)
     return inputs
+
+
+def render_inputs(wildcards):
+    """A seed cell's: the same, and the search's best parameters when there is a search."""
+    inputs = search_render_inputs(wildcards)
+    if HPO["enabled"]:
+        inputs["best"] = L.hpo_file("best.json", wildcards.task, wildcards.model)
+    return inputs
+
+
+def search_settings(wildcards):
+    """The settings the search's trials start from: the first seed's, before any searched value."""
+    return cell_settings(wildcards.task, wildcards.model, EXP["seeds"][0])
+
+
+def search_params(wildcards):
+    """Everything an hpo_worker or hpo_best job needs to open and run the task x model's study."""
+    scratch = os.path.abspath(L.hpo_scratch(wildcards.task, wildcards.model))
+    return {
+        "study": f"{NAME}/{wildcards.task}/{wildcards.model}",
+        "storage": HPO["storage"] or f"{scratch}/study.journal",
+        "direction": TASKS[wildcards.task].selection_mode,
+        "sampler": HPO["sampler"],
+        "pruner": HPO["pruner"],
+        "heartbeat": HPO["heartbeat"],
+        "space": experiment_config.search_space(EXP, wildcards.task, wildcards.model),
+        "trials": HPO["trials"],
+        "trials_dir": f"{scratch}/trials",
+    }
 
 
 def needs_download(model):

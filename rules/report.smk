@@ -7,6 +7,8 @@ localrules:
     sample_data,
     selection_split,
     validate_data,
+    render_search_config,
+    hpo_best,
     fetch_weights,
     render_config,
     plot_predictions,
@@ -23,6 +25,7 @@ rule summarize:
         datasets=[L.dataset_manifest(task) for task in EXP["enabled_tasks"]],
         predictions=cell_files(L.predictions_dir),
         lock=f"{workflow.basedir}/uv.lock",  # the manifest records its hash and any drift from it
+        searches=[L.hpo_file("best.json", t, m) for t in EXP["enabled_tasks"] for m in MODELS] if HPO["enabled"] else [],
     output:
         summary=report(
             L.table("summary.csv"), category="1. Results", subcategory="Per cell", caption="../report/summary.rst"
@@ -51,6 +54,14 @@ rule summarize:
             caption="../report/curves.rst",
         ),
         manifest=report(L.table("manifest.json"), category="4. Provenance", caption="../report/manifest.rst"),
+        iqm=report(L.table("iqm.csv"), category="1. Results", subcategory="IQM", caption="../report/iqm.rst"),
+        improvement=L.table("improvement.csv"),
+        leaderboard=report(
+            L.table("leaderboard.csv"),
+            category="1. Results",
+            subcategory="Leaderboard",
+            caption="../report/leaderboard.rst",
+        ),
         overview=L.table("overview.html"),
     log:
         L.log("summarize", "summarize"),

@@ -7,6 +7,8 @@ from geofm import evidence, render
 sm = snakemake  # noqa: F821 (provided by Snakemake)
 with evidence.captured(sm.log[0]):
     settings = sm.params.settings
+    if sm.input.get("best"):  # the search's best parameters win over the configured overrides
+        settings = render.with_best(settings, Path(sm.input.best))
     paths = {
         "data_root": str(Path(settings["data_root"]).resolve()),
         "run_dir": str(Path(sm.params.run_dir).resolve()),
