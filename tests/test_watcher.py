@@ -12,7 +12,10 @@ import hashlib
 import http.server
 import json
 import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -519,6 +522,34 @@ def test_2_the_child_gets_no_credential(tmp_path):
     assert env["GEOFM_SLURM_PARTITION"] == "gpu" and env["OTHER"] == "x" and env["SLURM_CONF"]
     assert env["PYTHONPATH"] == str(tmp_path / "checkout") and env["HOME"] == str(tmp_path)
     assert "SNAKEMAKE_PROFILE" not in env and "GIT_CONFIG_COUNT" not in env
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running the child as another user needs root (or sudo)")
+def test_2_run_as_another_user_the_run_cannot_write_the_watchers_clone_or_venv(tmp_path, store, jwks):
+    base = Path(tempfile.mkdtemp(prefix="geofm-run-as-", dir="/tmp"))  # pytest's tmp is private to root
+    try:
+        base.chmod(0o755)
+        clone, run_dir = base / "watcher-clone", base / "runs" / "sid"
+        (clone / "geofm").mkdir(parents=True)
+        (run_dir / "checkout").mkdir(parents=True)
+        probe = base / "snakemake"
+        probe.write_text(
+            "#!/bin/sh\nid -u > uid\ntouch ok\n"
+            f"touch {clone}/geofm/pwned 2> clone.err\ntouch {sv.VENV_BIN.parent}/pwned 2> venv.err\nexit 0\n"
+        )
+        probe.chmod(0o755)
+        w = make_watcher(tmp_path, store, jwks, run_as="nobody")
+        w.own_run_dir(run_dir)
+        runner = Runner(str(probe), run_as="nobody")
+        result = runner.run(run_dir / "checkout", run_dir / "config.json", run_dir, [], should_stop=lambda: None,
+                            deadline=time.monotonic() + 60)  # fmt: skip
+        assert result.rc == 0
+        checkout = run_dir / "checkout"
+        assert (checkout / "uid").read_text().strip() == str(pwd.getpwnam("nobody").pw_uid)
+        assert (checkout / "ok").exists() and "Permission denied" in (checkout / "clone.err").read_text()
+        assert not (clone / "geofm" / "pwned").exists() and not (sv.VENV_BIN.parent / "pwned").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_9_shared_caches_are_keyed_by_their_parameters_and_scratch_is_the_operators():

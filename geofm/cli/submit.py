@@ -33,7 +33,10 @@ from geofm.retry import retry
 from geofm.store import DEFAULT_PREFIX, Store, Unavailable
 from geofm.watcher.checkout import BASE_CONFIG, merge, overlap_problem, path_problem
 
-REPO = Path.cwd()
+
+def repo() -> Path:
+    """The checkout being validated or submitted: the job's working directory (CI_PROJECT_DIR)."""
+    return Path.cwd()
 
 
 def fail(message: str, code: int = 1) -> int:
@@ -46,12 +49,12 @@ def for_planning(raw: dict, placeholder: Path) -> tuple[dict, list[str]]:
     plan, notes = copy.deepcopy(raw), []
     for task, settings in (plan.get("tasks") or {}).items():
         root = settings.get("data_root") if isinstance(settings, dict) else None
-        if isinstance(root, str) and not (REPO / root).exists():
+        if isinstance(root, str) and not (repo() / root).exists():
             settings["data_root"] = None
             notes.append(f"tasks.{task}.data_root {root} is not on this runner: planned with sample data instead")
     for name, model in (plan.get("models") or {}).items():
         weights = model.get("weights") if isinstance(model, dict) else None
-        if isinstance(weights, str) and not (REPO / weights).is_file():
+        if isinstance(weights, str) and not (repo() / weights).is_file():
             model["weights"] = str(placeholder)
             notes.append(f"models.{name}.weights {weights} is not on this runner: planned with a placeholder")
     return plan, notes
@@ -59,14 +62,14 @@ def for_planning(raw: dict, placeholder: Path) -> tuple[dict, list[str]]:
 
 def untrusted(rel: str) -> dict:
     """The config at `rel` merged over config/config.yaml, as the Snakefile combines them."""
-    raw = experiment_config.parse_untrusted((REPO / rel).read_bytes(), rel)
-    if rel != BASE_CONFIG and (REPO / BASE_CONFIG).is_file():
-        raw = merge(experiment_config.parse_untrusted((REPO / BASE_CONFIG).read_bytes(), BASE_CONFIG), raw)
+    raw = experiment_config.parse_untrusted((repo() / rel).read_bytes(), rel)
+    if rel != BASE_CONFIG and (repo() / BASE_CONFIG).is_file():
+        raw = merge(experiment_config.parse_untrusted((repo() / BASE_CONFIG).read_bytes(), BASE_CONFIG), raw)
     return raw
 
 
 def tracked_top_level() -> set[str]:
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=60).stdout.decode()
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo(), capture_output=True, timeout=60).stdout.decode()
     return {f.split("/", 1)[0] for f in listed.split("\0") if f}
 
 
@@ -84,7 +87,7 @@ def check(path: Path) -> int:
             plan, notes = for_planning(raw, placeholder)
             for note in notes:
                 print(f"note: {note} (the watcher checks the real one)")
-            resolved = experiment_config.resolve(copy.deepcopy(plan), REPO, max_cells=max_cells)
+            resolved = experiment_config.resolve(copy.deepcopy(plan), repo(), max_cells=max_cells)
             problem = overlap_problem(resolved, tracked_top_level())
             if problem:
                 return fail(f"config error: {problem}")
@@ -93,9 +96,9 @@ def check(path: Path) -> int:
             env = {**os.environ, "LIGHTLY_DID_VERSION_CHECK": "True", "HF_HUB_OFFLINE": "1"}
             snakemake = str(Path(sys.executable).parent / "snakemake")
             for args in (["--dry-run", "--quiet", "rules"], ["--lint"]):
-                cmd = [snakemake, "--snakefile", str(REPO / "Snakefile"), *args, "--configfile", str(planned)]
+                cmd = [snakemake, "--snakefile", str(repo() / "Snakefile"), *args, "--configfile", str(planned)]
                 print("$ snakemake " + " ".join(args), flush=True)
-                result = subprocess.run(cmd, cwd=REPO, env=env, timeout=900)
+                result = subprocess.run(cmd, cwd=repo(), env=env, timeout=900)
                 if result.returncode != 0:
                     return fail(f"snakemake {args[0]} failed (exit status {result.returncode})")
     except experiment_config.ConfigError as e:
@@ -118,8 +121,8 @@ def submit(path: Path, env_file: Path | None, token_var: str) -> int:
     rel = path.as_posix()
     if not names.config_path(rel):
         return fail(f"submit: {rel!r} is not a relative .yaml path inside the repository")
-    text = (REPO / rel).read_bytes()
-    committed = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=REPO, capture_output=True, timeout=60)
+    text = (repo() / rel).read_bytes()
+    committed = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=repo(), capture_output=True, timeout=60)
     if committed.returncode != 0 or committed.stdout != text:
         return fail(f"submit: {rel} differs from the file in commit {commit}: only committed configs are submitted")
     try:

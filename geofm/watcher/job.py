@@ -216,6 +216,7 @@ class Job:
             clean_experiment(checkout, Path(layout.root))
         (self.run_dir / "config.json").write_text(json.dumps(merged, indent=1, sort_keys=True, allow_nan=False))
         (self.run_dir / "state.json").write_text(json.dumps(state, indent=2))
+        (self.run_dir / "home").mkdir(exist_ok=True)
         self.w.own_run_dir(self.run_dir)
         return state
 
