@@ -391,7 +391,7 @@ def test_token_verification_refuses_every_mutation(jwks):
     }
     import jwt
 
-    mutations["HS256 with the public key"] = jwt.encode(jwks.claims(commit), "secret", algorithm="HS256",
+    mutations["HS256 with the public key"] = jwt.encode(jwks.claims(commit), "a-shared-secret-of-at-least-32-bytes", algorithm="HS256",
                                                         headers={"kid": "kid-1"})  # fmt: skip
     for name, token in mutations.items():
         with pytest.raises(TokenError):

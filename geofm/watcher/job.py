@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,11 +68,26 @@ class Job:
         self.status = Status(sid)
         self.keeper: Keeper | None = None
         self.cancelled = False
+        self.lock = threading.RLock()
+        self.finalised = False
 
     # status -------------------------------------------------------------------------------
-    def save(self) -> None:
-        body = scrub(self.status.to_bytes().decode(), self.w.secrets).encode()
-        self.w.s3(lambda: self.store.put(self.store.status_key(self.sid), body), "writing the status")
+    def write(self, state: str | None = None, *, final: bool = False, save: bool = True, **fields) -> None:
+        """Change the status and write it. Changed, serialised and written under one lock (the
+        lease keeper's thread writes progress), so writes land in order, and nothing overwrites
+        a final (terminal or requeued) status."""
+        with self.lock:
+            if self.finalised:
+                return
+            if state:
+                self.status.set_state(state, **fields)
+            else:
+                self.status.update(**fields)
+            if not save:
+                return
+            body = scrub(self.status.to_bytes().decode(), self.w.secrets).encode()
+            self.w.s3(lambda: self.store.put(self.store.status_key(self.sid), body), "writing the status")
+            self.finalised = final
 
     def _load_status(self) -> Status:
         key = self.store.status_key(self.sid)
@@ -107,12 +123,11 @@ class Job:
             claims = self._verify(meta)
         except SubmissionError as e:
             return self._finish("failed", f"refused: {e}")
-        self.status.set_state("running", attempt=self.status.attempt + 1, watcher=self.w.ident, started_at=now(),
-                              commit=meta["commit"], branch=meta["branch"], message="preparing the checkout",
-                              submitted_by=claims.get("user_login"), pipeline_url=meta.get("pipeline_url"),
-                              submitted_at=meta.get("submitted_at"))  # fmt: skip
+        self.write("running", attempt=self.status.attempt + 1, watcher=self.w.ident, started_at=now(),
+                   commit=meta["commit"], branch=meta["branch"], message="preparing the checkout",
+                   submitted_by=claims.get("user_login"), pipeline_url=meta.get("pipeline_url"),
+                   submitted_at=meta.get("submitted_at"))  # fmt: skip
         self.log(f"running {self.sid} (attempt {self.status.attempt})")
-        self.save()
         self.keeper = Keeper(self.w.leases, self.lease, self._on_fence, self._tick, self.w.s.poll_s)
         self.keeper.start()
         try:
@@ -178,8 +193,7 @@ class Job:
             self.cancelled = True
         progress = self.w.runner.progress
         if progress and progress != self.status.progress and self.w.runner.child is not None:
-            self.status.update(progress=progress)
-            self.save()
+            self.write(progress=progress)
 
     def _should_stop(self) -> str | None:
         if self.keeper and self.keeper.check_overdue():
@@ -209,7 +223,12 @@ class Job:
             uploaded=config, operator=self.w.s.operator,
         )  # fmt: skip
         layout = ResultsLayout(resolved["results_dir"], resolved["experiment"], resolved["scratch_dir"])
-        state.update(experiment=resolved["experiment"], exp_rel=layout.root, scratch=layout.scratch)
+        # The experiment's own deadline (a `deadline_h` key, once the schema has one) within the operator's.
+        own = resolved.get("deadline_h")
+        limit = (
+            min(self.w.s.deadline_s, own * 3600) if isinstance(own, int | float) and own > 0 else self.w.s.deadline_s
+        )
+        state.update(experiment=resolved["experiment"], exp_rel=layout.root, scratch=layout.scratch, deadline_s=limit)
         if fresh:  # results of an earlier run of this experiment checked out from git are not this run's
             from geofm.versioning import clean_experiment
 
@@ -224,26 +243,24 @@ class Job:
         if self.cancelled or self.store.exists(self.store.key(self.sid, "cancel")):
             return self._finish("cancelled", "cancelled before it started")
         state = self._prepare(meta, config)
-        self.status.update(experiment=state["experiment"], results_path=state["exp_rel"])
+        self.write(experiment=state["experiment"], results_path=state["exp_rel"], save=False)
         checkout, runner = self.run_dir / "checkout", self.w.runner
-        deadline = time.monotonic() + self.w.s.deadline_s - (time.time() - state["first_started"])
+        deadline = time.monotonic() + state["deadline_s"] - (time.time() - state["first_started"])
         runner.reap_orphan(self.run_dir)
         if any((checkout / ".snakemake" / "locks").glob("*")):
             runner.run(checkout, self.run_dir / "config.json", self.run_dir, ["--unlock"],
                        should_stop=self._should_stop, deadline=deadline)  # fmt: skip
-        self.status.update(message="running snakemake", snakemake_started_at=now())
-        self.save()
+        self.write(message="running snakemake", snakemake_started_at=now())
         self.log(f"{self.sid}: running snakemake in {checkout}")
         result = runner.run(checkout, self.run_dir / "config.json", self.run_dir, [], should_stop=self._should_stop,
                             deadline=deadline)  # fmt: skip
         receipts = Path(state["scratch"]) if Path(state["scratch"]).is_absolute() else checkout / state["scratch"]
         if result.stopped:
-            return self._stopped(result.stopped)
+            return self._stopped(result.stopped, state)
         if result.rc == 0 and (receipts / "versioning" / "version.json").is_file():
             return self._publish(state, "succeeded", "all cells finished; results versioned")
         self.log(f"{self.sid}: snakemake exited with {result.rc}; versioning the evidence")
-        self.status.update(message="run failed; versioning the evidence")
-        self.save()
+        self.write(message="run failed; versioning the evidence")
         message = f"snakemake exited with status {result.rc}"
         said = [line for line in result.tail if line.startswith("config error: ")]
         if said:  # the workflow rejected the config before planning (e.g. a dataset layout)
@@ -252,7 +269,7 @@ class Job:
         evidence = runner.run(checkout, self.run_dir / "config.json", self.run_dir, ["version_evidence", "--force"],
                               should_stop=self._should_stop, deadline=deadline)  # fmt: skip
         if evidence.stopped:
-            return self._stopped(evidence.stopped)
+            return self._stopped(evidence.stopped, state)
         tail = result.tail
         if evidence.rc != 0:
             tail = tail + ["--- version_evidence ---"] + evidence.tail
@@ -260,7 +277,7 @@ class Job:
                                 **self._report(tail))  # fmt: skip
         return self._publish(state, "failed", message, tail)
 
-    def _stopped(self, why: str) -> None:
+    def _stopped(self, why: str, state: dict) -> None:
         if why == "fenced":
             self._check_lease()
             raise Requeue(f"stopped: {self.keeper.reason}; resumes when the queue comes round")
@@ -268,7 +285,7 @@ class Job:
             raise Requeue("interrupted by a watcher shutdown; resumes on restart")
         if why == "cancelled":
             return self._finish("cancelled", "cancelled from CI; the run was stopped", **self._report())
-        limit = self.w.s.deadline_s
+        limit = state["deadline_s"]
         when = f"{limit / 3600:g} h" if limit >= 3600 else f"{limit:g} s"
         return self._finish("failed", f"deadline of {when} reached; the run was stopped", **self._report())
 
@@ -281,9 +298,7 @@ class Job:
     def _publish_pending(self) -> None:
         pending, state = json.loads((self.run_dir / "pending.json").read_text()), self._state()
         p, checkout = self.w.publisher, self.run_dir / "checkout"
-        self.status.update(experiment=state["experiment"], results_path=state["exp_rel"],
-                           message="pushing the results")  # fmt: skip
-        self.save()
+        self.write(experiment=state["experiment"], results_path=state["exp_rel"], message="pushing the results")
         commit = p.fetch(checkout, self.sid)
         p.check(commit, state["base"], state["exp_rel"], state["experiment"], self.sid)
         self.log(f"{self.sid}: results commit {commit[:10]} checked; pushing it and its DVC objects")
@@ -292,7 +307,7 @@ class Job:
             n = p.push_dvc(commit, state["exp_rel"], checkout, self.run_dir / "dvc-staging")
             pushed = p.push_git(commit, state["base"], state["branch"], state["exp_rel"], self.sid, self._guard)
         except Transient as e:
-            self.status.update(pending_publish=True)
+            self.write(pending_publish=True, save=False)
             raise Requeue(f"results prepared; pushing them failed ({e}); retried when the queue comes round") from None
         self.log(f"{self.sid}: pushed {n} DVC objects and {pushed[:10]} to {self.w.mirror.remote}/{state['branch']}")
         report = self._report(pending["tail"], pushed)
@@ -335,8 +350,7 @@ class Job:
     def _finish(self, state: str, message: str, **fields) -> None:
         if self.keeper is not None:
             self._check_lease()  # the token again, before the final status
-        self.status.set_state(state, message=message, finished_at=now(), progress=None, **fields)
-        self.save()
+        self.write(state, final=True, message=message, finished_at=now(), progress=None, **fields)
         self._dequeue()
         (self.w.s.home / "finished").mkdir(parents=True, exist_ok=True)
         (self.w.s.home / "finished" / self.sid).touch()
@@ -358,9 +372,8 @@ class Job:
         except Unavailable:
             self.log(f"{self.sid}: object store unreachable; its lease expires by itself")
             return
-        self.status.set_state("queued", message=message, progress=None)
         try:
-            self.save()
+            self.write("queued", final=True, message=message, progress=None)
             self.w.leases.release(self.lease)
         except Unavailable:
             self.log(f"{self.sid}: object store unreachable; its lease expires by itself")
