@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -351,6 +352,24 @@ class Relay:
 
     def restore(self) -> None:
         self.down.clear()
+
+
+def registry_file(shared_cache: Path) -> Path:
+    """The session's TerraTorch registry snapshot (taken once: ~10 s)."""
+    from geofm import registry
+
+    registry.snapshot(shared_cache)
+    return next(Path(shared_cache).glob("terratorch-registry-*.json"))
+
+
+@contextlib.contextmanager
+def running(stack):
+    """A test stack started, and closed whatever happens."""
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
 
 
 def project_files() -> list[str]:

@@ -25,7 +25,6 @@ import pytest
 import services as sv
 import yaml
 
-from geofm import registry
 from geofm.store import DEFAULT_PREFIX, Store
 
 pytestmark = pytest.mark.e2e
@@ -126,14 +125,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, shared_cache):
     assert sv.GITLAB_CI_LOCAL.exists(), "run tests/setup-system.sh (installs gitlab-ci-local into .tools/)"
-    registry.snapshot(shared_cache)
-    snapshot = next(Path(shared_cache).glob("terratorch-registry-*.json"))
-    s = Stack(tmp_path_factory.mktemp("cos"), snapshot)
-    try:
-        s.start()
+    with sv.running(Stack(tmp_path_factory.mktemp("cos"), sv.registry_file(shared_cache))) as s:
         yield s
-    finally:
-        s.close()
 
 
 def submission_id(output: str) -> str:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import botocore.exceptions
+import jwt
 import pytest
 import services as sv
 import yaml
@@ -368,14 +369,12 @@ def test_5_a_malformed_status_is_quarantined_and_replaced(tmp_path, store, keys,
 
 
 # token mutations -------------------------------------------------------------------------------------
-def test_token_verification_refuses_every_mutation(jwks):
-    commit = "c" * 40
-    v = Verifier(Policy(jwks.url, jwks.ISSUER, jwks.AUDIENCE, (jwks.PROJECT,), require_protected=True,
-                        refresh_cooldown_s=0))  # fmt: skip
-    assert v.verify(jwks.mint(commit), commit=commit, branch="main")["sha"] == commit
-    jwks.add_key("kid-unserved", serve=False)
+def mutated_tokens(jwks, commit: str) -> dict[str, str]:
+    """The eight mutations of issue 9, each of a token that is otherwise valid for `commit` on main."""
+    if "kid-unserved" not in jwks.keys:
+        jwks.add_key("kid-unserved", serve=False)
     now = int(time.time())
-    mutations = {
+    return {
         "bad signature": jwks.mint(commit, key_of="kid-unserved"),  # signed with another key, claims kid-1
         "wrong key id": jwks.mint(commit, kid="kid-unserved"),
         "wrong issuer": jwks.mint(commit, iss="https://evil.example.com"),
@@ -384,20 +383,28 @@ def test_token_verification_refuses_every_mutation(jwks):
         "other project": jwks.mint(commit, project_path="evil/geofm-pipeline"),
         "other ref": jwks.mint(commit, ref="feature"),
         "sha mismatch": jwks.mint("d" * 40),
+    }
+
+
+def test_token_verification_refuses_every_mutation(jwks):
+    commit = "c" * 40
+    v = Verifier(Policy(jwks.url, jwks.ISSUER, jwks.AUDIENCE, (jwks.PROJECT,), require_protected=True,
+                        refresh_cooldown_s=0))  # fmt: skip
+    assert v.verify(jwks.mint(commit), commit=commit, branch="main")["sha"] == commit
+    mutations = {
+        **mutated_tokens(jwks, commit),
         "unprotected ref": jwks.mint(commit, ref_protected="false"),
         "tag pipeline": jwks.mint(commit, ref_type="tag"),
         "not a JWT": "not-a-token",
-        "HS256 with the public key": None,
-    }
-    import jwt
-
-    mutations["HS256 with the public key"] = jwt.encode(jwks.claims(commit), "a-shared-secret-of-at-least-32-bytes", algorithm="HS256",
-                                                        headers={"kid": "kid-1"})  # fmt: skip
+        "HS256 (algorithm confusion)": jwt.encode(jwks.claims(commit), "a-shared-secret-of-at-least-32-bytes",
+                                                  algorithm="HS256", headers={"kid": "kid-1"}),
+    }  # fmt: skip
     for name, token in mutations.items():
         with pytest.raises(TokenError):
             v.verify(token, commit=commit, branch="main")
             pytest.fail(f"accepted: {name}")
     # A token valid when it was uploaded stays valid while queued; judged at upload time.
+    now = int(time.time())
     late = jwks.mint(commit, exp=now - 600, iat=now - 1200, nbf=now - 1200)
     assert v.verify(late, commit=commit, branch="main", at=now - 900)
     # A rotated key is fetched on its first use (unknown kid: the JWKS is read again).
@@ -410,18 +417,7 @@ def test_token_verification_refuses_every_mutation(jwks):
 def test_token_mutations_are_refused_and_nothing_runs(tmp_path, store, keys, jwks, project):
     commit, text = push_config(project, experiment("tokens"), "main")
     w = make_watcher(tmp_path, store, jwks, project)
-    now = int(time.time())
-    jwks.add_key("kid-never", serve=False)
-    bad = {
-        "bad signature": jwks.mint(commit, key_of="kid-never"),
-        "wrong key id": jwks.mint(commit, kid="kid-never"),
-        "wrong issuer": jwks.mint(commit, iss="https://evil.example.com"),
-        "wrong audience": jwks.mint(commit, aud="other"),
-        "expired": jwks.mint(commit, exp=now - 600, iat=now - 4000, nbf=now - 4000),
-        "other project": jwks.mint(commit, project_path="evil/geofm-pipeline"),
-        "other ref": jwks.mint(commit, ref="feature"),
-        "sha mismatch": jwks.mint("e" * 40),
-    }
+    bad = mutated_tokens(jwks, commit)
     for name, token in bad.items():
         sid = ci_store(store, keys).submit(text, {"commit": commit, "branch": "main",
                                                   "config_path": "config/config.yaml", "id_token": token})  # fmt: skip

@@ -22,7 +22,6 @@ import pytest
 import services as sv
 import yaml
 
-from geofm import registry
 from geofm.store import Store
 
 pytestmark = pytest.mark.e2e
@@ -122,14 +121,8 @@ class Faults:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, shared_cache):
-    registry.snapshot(shared_cache)
-    snapshot = next(Path(shared_cache).glob("terratorch-registry-*.json"))
-    f = Faults(tmp_path_factory.mktemp("faults"), snapshot)
-    try:
-        f.start()
+    with sv.running(Faults(tmp_path_factory.mktemp("faults"), sv.registry_file(shared_cache))) as f:
         yield f
-    finally:
-        f.close()
 
 
 def snakemake_pids(sid: str) -> list[int]:
