@@ -40,15 +40,15 @@ def rendered_config(task: str, work: Path, chips: int) -> Path:
 
     from geofm import render, sample_data
     from geofm.config import cell_settings, resolve
-    from geofm.tasks import crop_selection_split
+    from geofm.tasks import TASKS
+    from geofm.tasks.base import write_split_lists
 
     data = work / task
     sample_data.write(task, data, seed=0, counts=SPLITS[task](chips))
     splits = work / "splits"
     splits.mkdir(exist_ok=True)
     if task == "crop":
-        for name, ids in crop_selection_split(data).items():
-            (splits / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+        write_split_lists(TASKS[task].holdout_split(data), splits)
     experiment = resolve(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), root=REPO)
     experiment["tasks"][task]["data_root"] = str(data)
     settings = cell_settings(experiment, task, "tiny", 0)
@@ -70,7 +70,7 @@ def single_threaded(_worker_id: int) -> None:
 
 
 def loader_rate(config: Path, workers: int, batches: int, single_threaded_workers: bool = False) -> float:
-    from geofm.jobs import build_cli, runtime_settings
+    from geofm.training import build_cli, runtime_settings
 
     trainer = {
         "accelerator": "cpu",
@@ -99,8 +99,8 @@ def loader_rate(config: Path, workers: int, batches: int, single_threaded_worker
 
 
 def training_rate(config: Path, batches: int) -> float:
-    from geofm.jobs import build_cli, runtime_settings
-    from geofm.resources import Throughput
+    from geofm.training import build_cli, runtime_settings
+    from geofm.usage import Throughput
 
     trainer = {
         "accelerator": "cpu",
@@ -111,7 +111,7 @@ def training_rate(config: Path, batches: int) -> float:
         "prefetch_factor": 2,
         "tf32": False,
     }
-    extra = ["--trainer.callbacks+=geofm.resources.Throughput", f"--trainer.max_steps={batches}", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={config.parent}", "--trainer.logger=false", "--lr_scheduler=null"]  # fmt: skip
+    extra = ["--trainer.callbacks+=geofm.usage.Throughput", f"--trainer.max_steps={batches}", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={config.parent}", "--trainer.logger=false", "--lr_scheduler=null"]  # fmt: skip
     cli = build_cli(config, runtime_settings(trainer, threads=os.cpu_count() or 1), extra)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     throughput = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput))

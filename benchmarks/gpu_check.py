@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GPU check: Prithvi-EO-2.0 300M (random init) fine-tuned on synthetic crop chips for a fixed
-number of steps, once through the workflow's fine-tune job (geofm.jobs.finetune, what the
+number of steps, once through the workflow's fine-tune job (geofm.training.finetune, what the
 `finetune` rule runs) and once through plain TerraTorch (`terratorch fit` in-process) with the
 same rendered config, precision and loader workers. Prints samples per second in the steady
 state, peak GPU memory and mean GPU utilisation for both, and the ratio.
@@ -33,15 +33,15 @@ def prepare(work: Path, chips: int, batch: int, steps: int, workers: int, backbo
 
     from geofm import render, sample_data
     from geofm.config import cell_settings, validate_schema
-    from geofm.tasks import crop_selection_split
+    from geofm.tasks import TASKS
+    from geofm.tasks.base import write_split_lists
 
     data = work / "crop"
     if not data.exists():
         sample_data.write("crop", data, seed=0, counts={"training": chips, "validation": 8})
     splits = work / "splits"
     splits.mkdir(parents=True, exist_ok=True)
-    for name, ids in crop_selection_split(data).items():
-        (splits / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    write_split_lists(TASKS["crop"].holdout_split(data), splits)
     experiment = validate_schema({
         "models": {"prithvi_300m": {"backbone": backbone, "neck_indices": neck}},
         "tasks": {"crop": {"data_root": str(data), "overrides": {
@@ -70,15 +70,15 @@ def prepare(work: Path, chips: int, batch: int, steps: int, workers: int, backbo
 def child(mode: str, config: Path, work: Path, workers: int, threads: int) -> dict:
     import torch
 
-    from geofm import jobs
-    from geofm.resources import Monitor, Throughput
+    from geofm import training
+    from geofm.usage import Monitor, Throughput
 
     trainer = json.loads((work / "trainer.json").read_text())
     run_dir = work / f"run_{mode}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if mode == "workflow":
         out = {k: str(run_dir / f"{k}.out") for k in ("checkpoint", "curves", "resources", "effective_config")}
-        jobs.finetune(config, run_dir, trainer, threads, out)
+        training.finetune(config, run_dir, trainer, threads, out)
         report = json.loads(Path(out["resources"]).read_text())
         samples_per_s = report["steady_train_samples_per_s"]
     else:
@@ -87,7 +87,7 @@ def child(mode: str, config: Path, work: Path, workers: int, threads: int) -> di
         args = [
             "fit", "--config", str(config), "--trainer.precision=bf16-mixed",
             f"--data.init_args.num_workers={workers}",
-            "--trainer.callbacks+=geofm.resources.Throughput",  # read-only timing, as in the workflow run
+            "--trainer.callbacks+=geofm.usage.Throughput",  # read-only timing, as in the workflow run
         ]  # fmt: skip
         torch.set_num_threads(threads)
         with Monitor() as monitor:

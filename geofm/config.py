@@ -7,17 +7,17 @@ job is planned. Used by the Snakefile, the CI validate stage and the COS watcher
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
+import math
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jsonschema
 import yaml
 
-from geofm import registry
+from geofm import backbones
 from geofm.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,19 +39,13 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line: '<key>: <problem>; fix: <what to do>'."""
 
 
-@dataclass(frozen=True)
-class Cell:
+class Cell(NamedTuple):
+    """One task x model x seed: the unit of fine-tuning, evaluation and plotting (where its files
+    live: geofm.layout.ResultsLayout)."""
+
     task: str
     model: str
     seed: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.task}/{self.model}/seed{self.seed}"
-
-    @property
-    def err_name(self) -> str:
-        return f"{self.task}_{self.model}_seed{self.seed}"
 
 
 def _defaulting_validator():
@@ -68,8 +62,18 @@ def _defaulting_validator():
     return jsonschema.validators.extend(base, {"properties": set_defaults})
 
 
-def _schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+def schema() -> dict:
+    """config/schema.yaml with the task-keyed parts filled in from the task registry."""
+    doc = yaml.safe_load(SCHEMA_PATH.read_text())
+    tasks = doc["properties"]["tasks"]
+    model = doc["$defs"]["model"]["properties"]
+    for name, task in TASKS.items():
+        sub = copy.deepcopy(doc["$defs"]["task"])
+        sub["properties"]["enabled"]["default"] = task.default_enabled
+        tasks["properties"][name] = {**sub, "default": {}, "description": f"{task.title}."}
+        model["task_overrides"]["properties"][name] = {"$ref": "#/$defs/overrides"}
+        model["reference"]["properties"][name] = {"$ref": "#/$defs/reference"}
+    return doc
 
 
 def _error_line(error: jsonschema.ValidationError) -> str:
@@ -89,7 +93,8 @@ def _error_line(error: jsonschema.ValidationError) -> str:
 def validate_schema(raw: dict) -> dict:
     """Validate against config/schema.yaml and fill in defaults (returns a new dict)."""
     config = copy.deepcopy(raw) if raw else {}
-    validator = _defaulting_validator()(_schema())
+    _refuse_non_finite(config, "")
+    validator = _defaulting_validator()(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
@@ -97,6 +102,35 @@ def validate_schema(raw: dict) -> dict:
     # Defaults were filled in while validating; a second pass validates the filled-in values.
     validator.validate(config)
     return config
+
+
+def _refuse_non_finite(node, key: str) -> None:
+    """NaN and infinities pass JSON-schema bounds unnoticed (nan > 0 is False): refuse them."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key or '(top level)'}: {node} is not a finite number; fix: give a finite value")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_non_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_non_finite(v, f"{key}[{i}]")
+
+
+def _check_cell_count(raw: dict, max_cells: int) -> None:
+    """Refuse an experiment with too many cells before validating or planning anything."""
+    seeds, models, tasks = raw.get("seeds", [0]), raw.get("models") or {"default": None}, raw.get("tasks") or {}
+    if not isinstance(seeds, list) or not isinstance(models, dict) or not isinstance(tasks, dict):
+        return  # the schema reports the type
+    n_tasks = sum(
+        1 for name, task in TASKS.items()
+        if (tasks.get(name) or {}).get("enabled", task.default_enabled) if isinstance(tasks.get(name) or {}, dict)
+    )  # fmt: skip
+    n_cells = len(seeds) * len(models) * n_tasks
+    if n_cells > max_cells:
+        raise ConfigError(
+            f"seeds x models x tasks: {len(seeds)} x {len(models)} x {n_tasks} = {n_cells} cells, more than the "
+            f"{max_cells} allowed; fix: split the experiment (or ask the operator to raise the limit)"
+        )
 
 
 def _check_name(key: str, value: str) -> None:
@@ -161,17 +195,11 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
     may allow more).
     """
     root = Path(root)
+    _check_cell_count(raw or {}, max_cells)
     config = validate_schema(raw)
     _check_name("experiment", config["experiment"])
     for name in config["models"]:
         _check_name(f"models.{name}", name)
-    n_tasks = sum(1 for t in config["tasks"].values() if t.get("enabled", True))
-    n_cells = n_tasks * len(config["models"]) * len(config["seeds"])
-    if n_cells > max_cells:
-        raise ConfigError(
-            f"seeds x models x tasks: {len(config['seeds'])} x {len(config['models'])} x {n_tasks} = {n_cells} "
-            f"cells, more than the {max_cells} allowed; fix: split the experiment (or ask the operator to raise the limit)"
-        )
     _check_outputs(config, root)
     enabled = [t for t in TASKS if config["tasks"][t]["enabled"]]
     if not enabled:
@@ -183,7 +211,7 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
         if settings["data_root"] is None:
             settings["data_root"] = f"{sample_root}/{task}"
         if settings["recipe"] is None:  # the bundled recipe, wherever the run directory is
-            settings["recipe"] = str(REPO_ROOT / "config" / "tasks" / f"{task}.yaml")
+            settings["recipe"] = str(TASKS[task].recipe)
         if settings["enabled"]:
             recipe = root / settings["recipe"]
             if not recipe.is_file():
@@ -195,11 +223,11 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
                 problem = TASKS[task].check_layout(root / settings["data_root"])
                 if problem:
                     raise ConfigError(f"tasks.{task}.data_root: {problem}")
-    known = registry.snapshot(root / config["cache_dir"])
+    known = backbones.snapshot(root / config["cache_dir"])
     for name, model in config["models"].items():
         key = f"models.{name}"
-        if not registry.is_backbone(known, model["backbone"]):
-            close = registry.suggest(known, model["backbone"])
+        if not backbones.is_backbone(known, model["backbone"]):
+            close = backbones.suggest(known, model["backbone"])
             raise ConfigError(
                 f"{key}.backbone: {model['backbone']!r} is not in TerraTorch's backbone registry; "
                 f"fix: use a registered name{' such as ' + ', '.join(close) if close else ''}"
@@ -216,7 +244,7 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
                     "of a local backbone checkpoint (relative to the workflow folder) or use hub_id"
                 )
         if model["neck_indices"] is None:
-            depth = registry.depth(known, model["backbone"])
+            depth = backbones.depth(known, model["backbone"])
             if depth is None:
                 raise ConfigError(
                     f"{key}.neck_indices: not set and {model['backbone']} is not a Prithvi "
@@ -327,8 +355,5 @@ def cell_settings(config: dict, task: str, model: str, seed: int) -> dict:
         "data_root": config["tasks"][task]["data_root"],
         "trainer": config["trainer"],
         "overrides": overrides,
+        "allow_selection_on_reported_split": config["tasks"][task]["allow_selection_on_reported_split"],
     }
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TASK, MODEL, SEED = "{task}", "{model}", "{seed}"
-CELL_DIR = re.compile(r"^(?P<task>[^/]+)/(?P<model>[^/]+)/seed(?P<seed>\d+)$")
+CELL_DIR = re.compile(r"(?P<task>[^/]+)/(?P<model>[^/]+)/seed(?P<seed>\d+)")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -127,15 +127,25 @@ class ResultsLayout:
         return f"{self.out}/{name}"
 
     # reading what a run left behind
+    def cell_of(self, path: str | Path, name: str = "metrics.json") -> tuple[str, str, int] | None:
+        """(task, model, seed) when `path` is that cell's `name` file in this layout, else None."""
+        path = Path(path)
+        if path.name != name or not path.parent.is_relative_to(self.out):
+            return None
+        m = CELL_DIR.fullmatch(path.parent.relative_to(self.out).as_posix())
+        return (m["task"], m["model"], int(m["seed"])) if m else None
+
+    def dataset_of(self, path: str | Path) -> str | None:
+        """The task when `path` is one of this layout's dataset manifests, else None."""
+        path = Path(path)
+        return path.stem if path.suffix == ".json" and path.parent == Path(self.dataset_manifest("x")).parent else None
+
     def finished_cells(self) -> list[tuple[str, str, int]]:
         """(task, model, seed) of every cell folder that holds a metrics.json, sorted."""
-        out = Path(self.out)
-        found = []
-        for metrics in out.glob("*/*/seed*/metrics.json"):
-            m = CELL_DIR.match(metrics.parent.relative_to(out).as_posix())
-            if m:
-                found.append((m["task"], m["model"], int(m["seed"])))
-        return sorted(found)
+        return sorted(filter(None, (self.cell_of(p) for p in Path(self.out).glob("*/*/seed*/metrics.json"))))
+
+    def dataset_manifests(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(Path(self.dataset_manifest("x")).parent.glob("*.json"))}
 
     def err_files(self) -> list[Path]:
         return sorted(Path(self.err).glob("*.err"))

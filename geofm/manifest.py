@@ -94,9 +94,14 @@ def experiment_manifest(
     resources: list[Path],
     weights: dict[str, str | None],
 ) -> dict:
-    hardware, jobs = set(), []
+    hardware, jobs, splits = set(), [], {}
     for path in resources:
         report = json.loads(Path(path).read_text())
+        if report.get("splits"):  # which chips selected the checkpoint and which are reported
+            facts = report["splits"]
+            splits[str(Path(path).parent)] = {
+                k: facts[k] for k in ("selection", "test", "shared_selection_test", "leaky") if k in facts
+            }
         gpu = report.get("gpu") or {}
         hardware.add((report.get("cpu_model"), gpu.get("name"), gpu.get("driver")))
         if report.get("scheduler_job_id"):
@@ -117,5 +122,6 @@ def experiment_manifest(
         "rendered_configs": {str(p): sha256_file(Path(p)) for p in sorted(configs, key=str)},
         "weights": {model: (sha256_file(Path(w)) if w else None) for model, w in sorted(weights.items())},
         "hardware": [{"cpu": c, "gpu": g, "driver": d} for c, g, d in sorted(hardware, key=str)],
+        "splits": dict(sorted(splits.items())),
         "scheduler_jobs": sorted(jobs, key=lambda j: j["output"]),
     }

@@ -1,6 +1,6 @@
 """Pinned metric definitions, computed with torchmetrics from each cell's test predictions.
 
-The definitions (geofm.tasks.DEFINITIONS) are written into every metrics.json and the README, so two
+The definitions (each task's `definitions`, geofm/tasks/<task>.py) are written into every metrics.json and the README, so two
 results can only be compared when they mean the same thing. TerraTorch's own logged test
 metrics are kept beside them, unchanged.
 """
@@ -13,7 +13,7 @@ import torch
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from geofm.tasks import BIOMASS_BINS, TASKS
+from geofm.tasks import SEGMENTATION, TASKS
 
 IGNORE = -1
 NAN = float("nan")
@@ -28,25 +28,26 @@ class PinnedMetrics:
 
     Segmentation scores come from torchmetrics' confusion matrix (ignored pixels dropped);
     a class with no pixels in labels or predictions has no score (None) and is left out of
-    the means.
+    the means; the task adds its own (e.g. the IoU of its positive class). Regression scores
+    are torchmetrics' RMSE, MAE and R2 over labelled pixels, and RMSE per true-value range.
     """
 
     def __init__(self, task: str) -> None:
         self.spec = TASKS[task]
-        self.task = task
-        if self.spec.kind == "segmentation":
+        if self.spec.kind == SEGMENTATION:
             self.confusion = MulticlassConfusionMatrix(len(self.spec.class_names), ignore_index=IGNORE)
         else:
             self.metrics = MetricCollection(
                 {"RMSE": MeanSquaredError(squared=False), "MAE": MeanAbsoluteError(), "R2": R2Score()}
             )
-            self.bins = [MeanSquaredError(squared=False) for _ in BIOMASS_BINS[:-1]]
+            self.edges = self.spec.value_bins
+            self.bins = [MeanSquaredError(squared=False) for _ in self.edges[:-1]]
             self.bin_counts = [0] * len(self.bins)
             self.count = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         pred, target = pred.detach().cpu(), target.detach().cpu()
-        if self.spec.kind == "segmentation":
+        if self.spec.kind == SEGMENTATION:
             self.confusion.update(pred.long().flatten(), target.long().flatten())
             return
         keep = target != IGNORE
@@ -54,20 +55,20 @@ class PinnedMetrics:
         if t.numel():
             self.metrics.update(p, t)
             self.count += t.numel()
-        for i, (lo, hi) in enumerate(zip(BIOMASS_BINS[:-1], BIOMASS_BINS[1:])):
+        for i, (lo, hi) in enumerate(zip(self.edges[:-1], self.edges[1:])):
             sel = (t >= lo) & (t < hi)
             if sel.any():
                 self.bins[i].update(p[sel], t[sel])
                 self.bin_counts[i] += int(sel.sum())
 
     def compute(self) -> dict[str, float | None]:
-        if self.spec.kind == "segmentation":
+        if self.spec.kind == SEGMENTATION:
             return self._segmentation(self.confusion.compute().double())
         out: dict[str, float | None] = {}
         values = self.metrics.compute() if self.count else {}
         for key in ("RMSE", "MAE", "R2"):
             out[key] = _num(values[key].item()) if self.count else None
-        for metric, count, lo, hi in zip(self.bins, self.bin_counts, BIOMASS_BINS[:-1], BIOMASS_BINS[1:]):
+        for metric, count, lo, hi in zip(self.bins, self.bin_counts, self.edges[:-1], self.edges[1:]):
             out[_bin_name(lo, hi)] = _num(metric.compute().item()) if count else None
         out["labelled_pixels"] = self.count
         return out
@@ -88,11 +89,7 @@ class PinnedMetrics:
         out["mIoU"] = _num(torch.nanmean(iou).item())
         out["mAcc"] = _num(torch.nanmean(acc).item())
         out["pixel_accuracy"] = _num((tp.sum() / cm.sum()).item()) if cm.sum() > 0 else None
-        if self.task == "landslide":
-            out["landslide_IoU"] = _num(iou[1].item())
-            out["landslide_F1"] = _num(f1[1].item())
-            out["landslide_precision"] = _num(precision[1].item())
-            out["landslide_recall"] = _num(acc[1].item())
+        out.update({k: _num(v) for k, v in self.spec.extra_metrics(iou, f1, precision, acc).items()})
         out["labelled_pixels"] = int(cm.sum().item())
         return out
 
@@ -109,7 +106,7 @@ def trivial_baseline(task: str, train_targets: list[torch.Tensor], test_targets:
     train = train[train != IGNORE]
     metrics = PinnedMetrics(task)
     for target in test_targets:
-        if spec.kind == "segmentation":
+        if spec.kind == SEGMENTATION:
             constant = torch.mode(train.long()).values
         else:
             constant = train.float().mean()

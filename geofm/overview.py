@@ -8,17 +8,14 @@ import base64
 import html
 from pathlib import Path
 
+from geofm import formatting
 from geofm.stats import RANKING_RULE
 from geofm.tasks import TASKS
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     def cell(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
+        return html.escape(formatting.value(v))
 
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k, _ in columns) + "</tr>" for r in rows)
@@ -50,7 +47,16 @@ def build(
                 reference = f"{r['reference']:.4g} (Δ {r['delta_to_reference']:+.3g}, {ok})"
             mean_std = f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] is not None else f"{r['mean']:.4g}"
             headline.append({**r, "mean_std": mean_std, "interval": interval, "reference_check": reference})
-    splits = "; ".join(f"{t}: {TASKS[t].test_split}" for t in dict.fromkeys(r["task"] for r in headline))
+    measured: dict[str, set] = {}
+    for row in summary["rows"]:  # the labels the jobs measured (geofm.splits), not assumed
+        if row.get("test_split"):
+            measured.setdefault(row["task"], set()).add((row["test_split"], row.get("selection_split") or ""))
+    splits = "; ".join(
+        f"{task}: reported on {test}, checkpoint selected on {selection}"
+        for task, labels in measured.items()
+        for test, selection in sorted(labels)
+    )
+    leaky = sorted({f"{r['task']}/{r['model']}" for r in headline if r.get("leaky")})
     failed = [f"{r['task']}/{r['model']}/seed{r['seed']}" for r in summary["rows"] if r["status"] != "ok"]
     parts = [
         '<div class="geofm-overview">',
@@ -73,9 +79,17 @@ def build(
                 ("mean_std", "mean ± std"),
                 ("interval", "95% bootstrap interval"),
                 ("reference_check", "reference"),
+                ("leaky", "splits"),
             ],
         ),  # fmt: skip
-        f"<p>Reported splits: {html.escape(splits)}.</p>",
+        (
+            f'<p style="color:#b00"><b>LEAKY</b>: the checkpoints of {html.escape(", ".join(leaky))} were selected '
+            "on chips that are also reported (allowed by allow_selection_on_reported_split): their scores are "
+            "optimistic and not comparable.</p>"
+            if leaky
+            else ""
+        ),
+        f"<p>Splits: {html.escape(splits)}.</p>",
         "<h3>Ranking</h3>",
         f"<p>{html.escape(RANKING_RULE)}</p>",
         _table(

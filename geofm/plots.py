@@ -1,4 +1,4 @@
-"""Sample prediction plots: input as RGB, ground truth, prediction (and error for biomass).
+"""Sample prediction plots: input as RGB, ground truth, prediction (and the error for regression).
 
 Runs from saved predictions (no model, no GPU), reading the raw chips only for the RGB
 composites, so changing plot settings re-runs only plotting.
@@ -9,44 +9,17 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import h5py
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import rasterio  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from geofm.tasks import TASKS  # noqa: E402
+from geofm.tasks import SEGMENTATION, TASKS  # noqa: E402
 
 IGNORED = (0.75, 0.75, 0.75)  # colour of unlabelled pixels
-
-
-def _stretch(rgb: np.ndarray) -> np.ndarray:
-    """2-98 percentile stretch per band, to [0, 1]."""
-    rgb = rgb.astype(np.float32)
-    out = np.empty_like(rgb)
-    for b in range(3):
-        lo, hi = np.nanpercentile(rgb[..., b], [2, 98])
-        out[..., b] = np.clip((rgb[..., b] - lo) / (hi - lo if hi > lo else 1), 0, 1)
-    return out
-
-
-def rgb_panels(task: str, path: Path) -> list[tuple[str, np.ndarray]]:
-    """RGB composites of a raw chip, in the real dataset's band order."""
-    if task == "crop":  # 18 bands, time-major: (B, G, R, NIR, SWIR1, SWIR2) x 3 dates
-        with rasterio.open(path) as f:
-            data = f.read()
-        return [(f"RGB t{t + 1}", _stretch(data[[6 * t + 2, 6 * t + 1, 6 * t]].transpose(1, 2, 0))) for t in range(3)]
-    if task == "landslide":  # channels last: B1, B2 (blue), B3 (green), B4 (red), ...
-        with h5py.File(path, "r") as f:
-            data = np.asarray(f["img"])
-        return [("RGB", _stretch(data[..., [3, 2, 1]]))]
-    with rasterio.open(path) as f:  # biomass: B01, blue, green, red, ...
-        data = f.read([4, 3, 2]).transpose(1, 2, 0)
-    return [("RGB", _stretch(data))]
 
 
 def _class_colours(n: int) -> ListedColormap:
@@ -58,14 +31,14 @@ def plot_chip(
     task: str, image_path: Path, target: np.ndarray, pred: np.ndarray, title: str, out: Path, dpi: int
 ) -> None:
     spec = TASKS[task]
-    panels = rgb_panels(task, image_path)
-    n_extra = 3 if spec.kind == "regression" else 2
+    panels = spec.rgb_panels(Path(image_path))
+    n_extra = 2 if spec.kind == SEGMENTATION else 3
     fig, axes = plt.subplots(1, len(panels) + n_extra, figsize=(3.2 * (len(panels) + n_extra), 3.6), squeeze=False)
     axes = axes[0]
     for ax, (name, rgb) in zip(axes, panels):
         ax.imshow(rgb)
         ax.set_title(name)
-    if spec.kind == "segmentation":
+    if spec.kind == SEGMENTATION:
         n = len(spec.class_names)
         cmap = _class_colours(n)
         norm = BoundaryNorm(np.arange(-1.5, n, 1), cmap.N)
@@ -83,11 +56,11 @@ def plot_chip(
         gt = np.ma.masked_where(~labelled, target)
         im = axes[len(panels)].imshow(gt, cmap="YlGn", vmin=0, vmax=vmax, interpolation="nearest")
         axes[len(panels)].set_facecolor(IGNORED)
-        axes[len(panels)].set_title("Ground truth (GEDI)")
-        fig.colorbar(im, ax=axes[len(panels)], fraction=0.046, label=f"AGB ({spec.units})")
+        axes[len(panels)].set_title("Ground truth")
+        fig.colorbar(im, ax=axes[len(panels)], fraction=0.046, label=spec.units)
         im = axes[len(panels) + 1].imshow(pred, cmap="YlGn", vmin=0, vmax=vmax)
         axes[len(panels) + 1].set_title("Prediction")
-        fig.colorbar(im, ax=axes[len(panels) + 1], fraction=0.046, label=f"AGB ({spec.units})")
+        fig.colorbar(im, ax=axes[len(panels) + 1], fraction=0.046, label=spec.units)
         error = np.ma.masked_where(~labelled, pred - target)
         limit = float(max(np.abs(error).max() if error.count() else 1, 1))
         im = axes[len(panels) + 2].imshow(error, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
@@ -98,18 +71,10 @@ def plot_chip(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{title} | {Path(image_path).name}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08 if spec.kind == "segmentation" else 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.08 if spec.kind == SEGMENTATION else 0, 1, 0.95))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
-
-
-def chip_name(path: str) -> str:
-    name = Path(path).name
-    for suffix in ("_merged.tif", "_img.tif", ".h5", ".tif"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def plot_predictions(
@@ -123,7 +88,7 @@ def plot_predictions(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i in picked:
-        out = out_dir / f"{chip_name(files[i])}.png"
+        out = out_dir / f"{TASKS[task].chip_name(files[i])}.png"
         plot_chip(task, Path(files[i]), data["target"][i], data["pred"][i], title, out, dpi)
         written.append(out)
     return written
@@ -135,7 +100,7 @@ def plot_curves(task: str, curves: list[tuple[str, int, Path]], out: Path, dpi: 
     import csv
 
     spec = TASKS[task]
-    selection = "val/mIoU" if spec.kind == "segmentation" else "val/RMSE"
+    selection = spec.selection_metric
     panels = [
         ("train/loss", "training loss"),
         ("val/loss", "validation loss"),

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from geofm.config import OVERRIDE_PATHS
+from geofm.tasks import TASKS
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -62,10 +63,11 @@ def set_path(config: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def render(recipe_text: str, settings: dict, paths: dict[str, str]) -> dict:
+def render(recipe_text: str, settings: dict, paths: dict[str, str], notes: list[str] | None = None) -> dict:
     """Return the resolved TerraTorch config for one cell.
 
     settings: geofm.config.cell_settings(); paths: data_root, run_dir, splits_dir, ckpt_path.
+    What the workflow had to add to the recipe (`ensure_contract`) is appended to `notes`.
     """
     recipe = yaml.safe_load(recipe_text)
     if not isinstance(recipe, dict) or "model" not in recipe or "data" not in recipe:
@@ -92,7 +94,81 @@ def render(recipe_text: str, settings: dict, paths: dict[str, str]) -> dict:
         set_path(config, OVERRIDE_PATHS[key], value)
     for dotted, value in extra.items():
         set_path(config, dotted, value)
+    added = ensure_contract(config, TASKS[settings["task"]], paths["run_dir"])
+    if notes is not None:
+        notes.extend(added)
     return config
+
+
+def header(settings: dict, recipe: str, notes: list[str]) -> str:
+    """The comment at the top of a cell's rendered config."""
+    lines = [
+        f"Cell {settings['task']} / {settings['model']} / seed {settings['seed']}, rendered from {recipe}.",
+        "Run it by hand with: terratorch fit --config <this file>",
+        "trainer.precision 'auto' and num_workers 'auto' are decided by the job for its hardware;",
+        "config.effective.yaml beside this file is what actually ran.",
+    ]
+    if settings.get("allow_selection_on_reported_split"):
+        lines.append("allow_selection_on_reported_split: true (a leak is not refused; outputs are marked LEAKY)")
+    if notes:
+        lines.append("Added by the workflow to the recipe:")
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
+
+
+CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+
+
+def _class_is(entry, name: str) -> bool:
+    return isinstance(entry, dict) and str(entry.get("class_path", "")).split(".")[-1] == name.split(".")[-1]
+
+
+def ensure_contract(config: dict, task, run_dir: str) -> list[str]:
+    """Add what the workflow relies on and a user recipe may lack; say what was added or where
+    a recipe writes outside the run's folder (the notes go into the rendered config's header).
+
+    - a ModelCheckpoint callback monitoring the task's selection metric (else Lightning would
+      keep the last epoch, silently);
+    - a CSVLogger in the run folder, which the learning curves read (kept beside the recipe's own
+      logger);
+    - the run folder as Lightning's default_root_dir.
+    """
+    notes = []
+    trainer = config.setdefault("trainer", {})
+    if not trainer.get("default_root_dir"):
+        trainer["default_root_dir"] = run_dir
+        notes.append(f"trainer.default_root_dir: set to the run folder {run_dir}")
+    callbacks = trainer.get("callbacks") or []
+    callbacks = [callbacks] if isinstance(callbacks, dict) else list(callbacks)
+    monitored = [c for c in callbacks if _class_is(c, CHECKPOINT) and (c.get("init_args") or {}).get("monitor")]
+    if not monitored:
+        callbacks.append({
+            "class_path": CHECKPOINT,
+            "init_args": {"dirpath": f"{run_dir}/checkpoints", "filename": "best",
+                          "monitor": task.selection_metric, "mode": task.selection_mode},
+        })  # fmt: skip
+        notes.append(
+            f"trainer.callbacks: added a ModelCheckpoint monitoring {task.selection_metric} ({task.selection_mode}): "
+            "the recipe had none with a monitor, and the last epoch is never taken silently"
+        )
+    else:
+        where = (monitored[0].get("init_args") or {}).get("dirpath")
+        if where and not str(where).startswith(run_dir):
+            notes.append(f"trainer.callbacks: the recipe's checkpoints are written to {where}")
+    trainer["callbacks"] = callbacks
+    loggers = trainer.get("logger")
+    loggers = [] if loggers in (None, False, True) else ([loggers] if isinstance(loggers, dict) else list(loggers))
+    ours = [lg for lg in loggers if _class_is(lg, CSV_LOGGER)]
+    if not ours:
+        loggers.append({"class_path": CSV_LOGGER, "init_args": {"save_dir": run_dir, "name": "logs", "version": ""}})
+        notes.append(f"trainer.logger: added a CSVLogger in {run_dir}/logs for the learning curves")
+    else:
+        where = (ours[0].get("init_args") or {}).get("save_dir")
+        if where and not str(where).startswith(run_dir):
+            notes.append(f"trainer.logger: the recipe's CSV logs are written to {where}; the curves are read there")
+    trainer["logger"] = loggers[0] if len(loggers) == 1 else loggers
+    return notes
 
 
 def write(config: dict, path: Path, header: str) -> None:

@@ -15,12 +15,13 @@ import numpy as np
 from geofm.tasks import TASKS
 
 RANKING_RULE = (
-    "Models are ranked per task by the seed mean of the task's headline metric "
-    "(crop mIoU and landslide IoU: higher is better; biomass RMSE: lower is better; ties share "
-    "the mean rank); the overall rank orders models by the mean of their per-task ranks over "
-    "the tasks they were evaluated on."
+    "Models are ranked per task by the seed mean of the task's headline metric ("
+    + "; ".join(f"{name} {t.headline}: {t.direction}" for name, t in TASKS.items())
+    + "; ties share the mean rank); the overall rank orders models by the mean of their per-task "
+    "ranks over the tasks they were evaluated on."
 )
 ONE_SEED = "1 seed: no interval"
+LEAKY = "LEAKY"  # geofm.splits: the checkpoint was selected on chips that are also reported
 
 
 def bootstrap_ci(values: list[float], resamples: int, seed: int, confidence: float) -> tuple[float, float] | None:
@@ -58,10 +59,12 @@ def _round(x):
 def aggregate(cells: list[dict], bootstrap: dict, references: dict | None = None) -> list[dict]:
     """One row per task x model x metric over the seeds that finished.
 
-    cells: dicts with task, model, seed and `metrics` (the pinned metrics of metrics.json).
+    cells: dicts with task, model, seed, `metrics` (the pinned metrics of metrics.json) and
+    `leaky` (the cell's checkpoint was selected on reported chips: every row of it says LEAKY).
     references: {model: {task: {metric, value, tolerance, source}}} from the config.
     """
     grouped: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    leaky = {(c["task"], c["model"]) for c in cells if c.get("leaky")}
     for cell in cells:
         for metric, value in (cell.get("metrics") or {}).items():
             if metric != "labelled_pixels" and value is not None:
@@ -83,6 +86,7 @@ def aggregate(cells: list[dict], bootstrap: dict, references: dict | None = None
             "reference": None,
             "delta_to_reference": None,
             "within_tolerance": None,
+            "leaky": LEAKY if (task, model) in leaky else "",
         }
         ref = ((references or {}).get(model) or {}).get(task)
         if ref and ref["metric"] == metric:
@@ -160,18 +164,3 @@ def compare(a_cells: list[dict], b_cells: list[dict], bootstrap: dict) -> list[d
             "note": "" if ci else "fewer than 2 seeds on a side: no interval, never significant",
         })  # fmt: skip
     return rows
-
-
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table (for papers and READMEs)."""
-
-    def fmt(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"

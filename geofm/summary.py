@@ -11,17 +11,14 @@ import json
 from pathlib import Path
 
 from geofm.config import Cell
-from geofm.tasks import DEFINITIONS, TASKS
+from geofm.layout import ResultsLayout
+from geofm.tasks import TASKS
 
-KEY_METRICS = {
-    "crop": ["mIoU", "mAcc", "pixel_accuracy"],
-    "landslide": ["landslide_IoU", "landslide_F1", "mIoU"],
-    "biomass": ["RMSE", "MAE", "R2"],
-}
 COLUMNS = [
     "task", "model", "seed", "status", "headline_metric", "headline", "baseline", "beats_baseline",
     "metric_1", "value_1", "metric_2", "value_2", "metric_3", "value_3",
-    "test_split", "selection_split", "best_selection_score", "epochs",
+    "test_split", "selection_split", "leaky", "test_chips", "selection_chips", "shared_chips", "best_selection_score",
+    "epochs",
     "finetune_wall_s", "evaluate_wall_s", "cpu_hours", "gpu_hours", "peak_rss_mb", "peak_gpu_memory_mb",
     "gpu_utilisation_pct", "energy_j", "parameters", "train_samples_per_s", "device", "error", "err_file",
 ]  # fmt: skip
@@ -40,14 +37,13 @@ def _beats(task: str, value, baseline) -> bool | None:
     return value > baseline if TASKS[task].higher_is_better else value < baseline
 
 
-def cell_row(out_dir: Path, err_dir: Path, cell: Cell) -> dict:
+def cell_row(layout: ResultsLayout, cell: Cell) -> dict:
     spec = TASKS[cell.task]
-    folder = out_dir / cell.task / cell.model / f"seed{cell.seed}"
-    metrics = _load(folder / "metrics.json")
-    finetune = _load(folder / "finetune.json") or {}
-    evaluate = _load(folder / "evaluate.json") or {}
-    baseline = _load(out_dir / "baselines" / f"{cell.task}.json")
-    err = err_dir / f"{cell.err_name}.err"
+    metrics = _load(Path(layout.cell_file("metrics.json", *cell)))
+    finetune = _load(Path(layout.cell_file("finetune.json", *cell))) or {}
+    evaluate = _load(Path(layout.cell_file("evaluate.json", *cell))) or {}
+    baseline = _load(Path(layout.baseline(cell.task)))
+    err = Path(layout.err_file(*cell))
     err = err if err.is_file() else None
     if err is not None:
         status = "failed"
@@ -68,8 +64,7 @@ def cell_row(out_dir: Path, err_dir: Path, cell: Cell) -> dict:
         "headline": headline,
         "baseline": base,
         "beats_baseline": _beats(cell.task, headline, base),
-        "test_split": spec.test_split,
-        "selection_split": spec.selection_split,
+        **_split_columns(metrics, finetune),
         "best_selection_score": (finetune.get("selection") or {}).get("best_score"),
         "epochs": finetune.get("epochs"),
         "finetune_wall_s": finetune.get("wall_s"),
@@ -86,10 +81,25 @@ def cell_row(out_dir: Path, err_dir: Path, cell: Cell) -> dict:
         "error": _cause(err) if err else None,
         "err_file": str(err) if err else None,
     }
-    for i, name in enumerate(KEY_METRICS[cell.task], start=1):
+    for i, name in enumerate(spec.key_metrics, start=1):
         row[f"metric_{i}"], row[f"value_{i}"] = name, pinned.get(name)
     row["metrics"] = pinned
     return row
+
+
+def _split_columns(metrics: dict | None, finetune: dict) -> dict:
+    """The split labels as measured by the job that ran (evaluate, else fine-tune); empty for a
+    cell that never got that far: labels are never assumed from the task."""
+    facts = (metrics or {}).get("splits") or finetune.get("splits") or {}
+    test, selection = facts.get("test") or {}, facts.get("selection") or {}
+    return {
+        "test_split": test.get("label", ""),
+        "selection_split": selection.get("label", ""),
+        "leaky": facts.get("leaky"),
+        "test_chips": test.get("chips"),
+        "selection_chips": selection.get("chips"),
+        "shared_chips": facts.get("shared_selection_test"),
+    }
 
 
 def _sum(*values):
@@ -109,10 +119,10 @@ def _cause(err: Path) -> str:
     return "see error file"
 
 
-def write(
-    out_dir: Path, err_dir: Path, cells: list[Cell], experiment: dict, csv_path: Path, json_path: Path
-) -> list[dict]:
-    rows = [cell_row(Path(out_dir), Path(err_dir), c) for c in cells]
+def write(layout: ResultsLayout, cells: list[Cell], experiment: dict) -> list[dict]:
+    """out/summary.csv and out/summary.json of `cells`."""
+    csv_path, json_path = Path(layout.table("summary.csv")), Path(layout.table("summary.json"))
+    rows = [cell_row(layout, c) for c in cells]
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -124,7 +134,7 @@ def write(
         "cells": len(rows),
         "failed": sum(r["status"] == "failed" for r in rows),
         "not_run": sum(r["status"] == "not run" for r in rows),
-        "definitions": {t: DEFINITIONS[t] for t in sorted({c.task for c in cells})},
+        "definitions": {t: TASKS[t].definitions for t in sorted({c.task for c in cells})},
         "rows": rows,
     }
     json_path.write_text(json.dumps(document, indent=2))

@@ -1,9 +1,10 @@
-# The only place with Python helpers: the resolved experiment, paths and input functions.
+# The only place with Python helpers: the resolved experiment, the results layout, input functions.
 import os
 import sys
 
 from geofm import config as experiment_config
 from geofm import manifest
+from geofm.layout import ResultsLayout
 from geofm.tasks import TASKS
 
 try:
@@ -17,22 +18,17 @@ except experiment_config.ConfigError as error:
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [workflow.basedir, os.getenv("PYTHONPATH")])))
 
 NAME = EXP["experiment"]
-RESULTS = f"{EXP['results_dir']}/{NAME}"
-OUT = f"{RESULTS}/out"
-ERR = f"{RESULTS}/err"
-PRED = f"{RESULTS}/predictions"
-LOGS = f"{RESULTS}/logs"
-BENCH = f"{RESULTS}/benchmarks"
-SCRATCH = f"{EXP['scratch_dir']}/{NAME}"
+# Where every file lives (geofm/layout.py). Called without arguments its methods give the
+# patterns with {task}, {model}, {seed} wildcards.
+L = ResultsLayout(EXP["results_dir"], NAME, EXP["scratch_dir"])
 CACHE = EXP["cache_dir"]
-CELL = "{task}/{model}/seed{seed}"
-CELL_NAME = "{task}_{model}_seed{seed}"
 # Scheduling order when cores are scarce: cheap steps that unblock the long jobs first, then
 # the long jobs; per-task extras (baselines, plots, aggregation) fill the idle cores.
 PRIORITY_UNBLOCKS = 20
 PRIORITY_LONG = 10
 CELLS = experiment_config.cells(EXP)
 MODELS = list(EXP["models"])
+HOLDOUT_TASKS = [t for t in TASKS if TASKS[t].holdout]
 
 
 wildcard_constraints:
@@ -52,14 +48,26 @@ def task_data(wildcards):
     return task["data_root"] if task["sample"] else []
 
 
-def splits_dir(wildcards):
-    return f"{OUT}/splits/{wildcards.task}"
+def job(wildcards):
+    """What a heavy job needs besides its config: the trainer settings, and where the data and the
+    hold-out lists are, to measure which chips select the checkpoint and which are reported."""
+    task = EXP["tasks"][wildcards.task]
+    return {
+        "task": wildcards.task,
+        "trainer": EXP["trainer"],
+        "data_root": task["data_root"],
+        "splits_dir": L.splits_dir(wildcards.task) if TASKS[wildcards.task].holdout else None,
+        "allow_selection_on_reported_split": task["allow_selection_on_reported_split"],
+    }
+
+
+def holdout_lists(wildcards, name):
+    """The hold-out split lists of a task that selects on a hold-out of its training chips."""
+    return f"{L.splits_dir(wildcards.task)}/{name}.txt" if TASKS[wildcards.task].holdout else []
 
 
 def render_inputs(wildcards):
-    inputs = {"recipe": EXP["tasks"][wildcards.task]["recipe"]}
-    if wildcards.task == "crop":
-        inputs["splits"] = f"{OUT}/splits/crop/select.txt"
+    inputs = {"recipe": EXP["tasks"][wildcards.task]["recipe"], "splits": holdout_lists(wildcards, "select")}
     if needs_download(wildcards.model):
         inputs["weights"] = weights_file(wildcards.model)
     return inputs
@@ -75,17 +83,32 @@ def weights_file(model):
 
 
 def first_seed_config(wildcards):
-    return f"{OUT}/{wildcards.task}/{wildcards.model}/seed{EXP['seeds'][0]}/config.yaml"
+    return L.cell_file("config.yaml", wildcards.task, wildcards.model, EXP["seeds"][0])
 
 
 def preflight_done(wildcards):
-    if not EXP["preflight"]:
-        return []
-    return f"{OUT}/{wildcards.task}/{wildcards.model}/preflight.json"
+    return L.preflight(wildcards.task, wildcards.model) if EXP["preflight"] else []
 
 
-def cell_files(pattern):
-    return [pattern.format(task=c.task, model=c.model, seed=c.seed) for c in CELLS]
+def cell_files(pattern_of):
+    """`pattern_of(task, model, seed)` for every cell, e.g. cell_files(L.err_file)."""
+    return [pattern_of(*c) for c in CELLS]
+
+
+def metrics_file(task, model, seed):
+    return L.cell_file("metrics.json", task, model, seed)
+
+
+def finetune_file(task, model, seed):
+    return L.cell_file("finetune.json", task, model, seed)
+
+
+def evaluate_file(task, model, seed):
+    return L.cell_file("evaluate.json", task, model, seed)
+
+
+def config_file(task, model, seed):
+    return L.cell_file("config.yaml", task, model, seed)
 
 
 def dataset_fingerprint(wildcards):
@@ -112,11 +135,10 @@ def provenance():
 
 
 def final_targets():
-    targets = cell_files(f"{OUT}/{CELL}/metrics.json")
-    targets += cell_files(f"{PRED}/{CELL}")
-    targets += [f"{OUT}/summary.csv", f"{OUT}/summary.json", f"{OUT}/aggregate.csv", f"{OUT}/cost.csv"]
-    targets += [f"{OUT}/manifest.json", f"{OUT}/overview.html"]
-    targets += expand(f"{OUT}/curves/{{task}}.png", task=EXP["enabled_tasks"])
+    targets = cell_files(metrics_file) + cell_files(L.predictions_dir)
+    targets += [L.table(name) for name in ("summary.csv", "summary.json", "aggregate.csv", "cost.csv")]
+    targets += [L.table("manifest.json"), L.table("overview.html")]
+    targets += [L.curves_plot(task) for task in EXP["enabled_tasks"]]
     if EXP["versioning"]["enabled"]:  # rules/version.smk: dvc + git, after everything else
-        targets.append(f"{SCRATCH}/versioning/version.json")
+        targets.append(f"{L.scratch}/versioning/version.json")
     return targets

@@ -1,4 +1,4 @@
-# Datasets: generated sample data, the crop hold-out split, dataset manifests, weights.
+# Datasets: generated sample data, selection hold-outs, trivial baselines, weights.
 
 
 rule sample_data:
@@ -6,7 +6,7 @@ rule sample_data:
     output:
         directory(f"{EXP['sample_data']['root']}/{{task}}"),
     log:
-        f"{LOGS}/sample_data/{{task}}.log",
+        L.log("sample_data", "{task}"),
     priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
@@ -17,17 +17,17 @@ rule sample_data:
 
 
 rule selection_split:
-    """Crop has no test split: hold out training chips to select the checkpoint on."""
+    """No usable validation split upstream (Task.holdout): hold out training chips to select on."""
     input:
         task_data,
     output:
-        train=f"{OUT}/splits/{{task}}/train.txt",
-        select=f"{OUT}/splits/{{task}}/select.txt",
-        test=f"{OUT}/splits/{{task}}/test.txt",
+        train=f"{L.splits_dir()}/train.txt",
+        select=f"{L.splits_dir()}/select.txt",
+        test=f"{L.splits_dir()}/test.txt",
     log:
-        f"{LOGS}/selection_split/{{task}}.log",
+        L.log("selection_split", "{task}"),
     wildcard_constraints:
-        task="crop",
+        task="|".join(HOLDOUT_TASKS) or "(?!)",
     priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
@@ -42,7 +42,7 @@ rule fetch_weights:
     output:
         f"{CACHE}/weights/{{model}}/backbone.pt",
     log:
-        f"{LOGS}/fetch_weights/{{model}}.log",
+        L.log("fetch_weights", "{model}"),
     priority: PRIORITY_UNBLOCKS
     retries: 2
     conda:
@@ -58,11 +58,11 @@ rule baseline:
     """Score of a model that ignores its input (majority class / training mean)."""
     input:
         task_data,
-        splits=lambda w: f"{OUT}/splits/crop/train.txt" if w.task == "crop" else [],
+        splits=lambda w: holdout_lists(w, "train"),
     output:
-        f"{OUT}/baselines/{{task}}.json",
+        L.baseline(),
     log:
-        f"{LOGS}/baseline/{{task}}.log",
+        L.log("baseline", "{task}"),
     conda:
         "../envs/geofm.yaml"
     params:

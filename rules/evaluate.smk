@@ -4,17 +4,17 @@
 rule evaluate:
     """Test the selected checkpoint: every TerraTorch metric, the pinned ones, predictions."""
     input:
-        config=f"{OUT}/{CELL}/config.yaml",
-        checkpoint=f"{SCRATCH}/{CELL}/best.ckpt",
+        config=L.cell_file("config.yaml"),
+        checkpoint=L.checkpoint(),
         data=task_data,
     output:
-        metrics=f"{OUT}/{CELL}/metrics.json",
-        resources=f"{OUT}/{CELL}/evaluate.json",
-        predictions=f"{SCRATCH}/{CELL}/predictions.npz",
+        metrics=L.cell_file("metrics.json"),
+        resources=L.cell_file("evaluate.json"),
+        predictions=L.prediction_arrays(),
     log:
-        f"{LOGS}/evaluate/{CELL_NAME}.log",
+        L.log("evaluate", L.cell_name()),
     benchmark:
-        f"{BENCH}/evaluate/{CELL_NAME}.tsv"
+        L.benchmark("evaluate", L.cell_name())
     priority: PRIORITY_LONG
     conda:
         "../envs/geofm.yaml"
@@ -24,22 +24,21 @@ rule evaluate:
         runtime=lambda w, attempt: 60 * attempt,
         gpu=1,
     params:
-        task="{task}",
-        trainer=EXP["trainer"],
-        err=f"{ERR}/{CELL_NAME}.err",
-        cell=CELL,
+        job=job,
+        err=L.err_file(),
+        cell=L.cell(),
     script:
         "../scripts/evaluate.py"
 
 
 rule plot_predictions:
-    """Input, ground truth and prediction (and error map for biomass) for seeded test chips."""
+    """Input, ground truth and prediction (and error map for regression) for seeded test chips."""
     input:
-        predictions=f"{SCRATCH}/{CELL}/predictions.npz",
+        predictions=L.prediction_arrays(),
         data=task_data,
     output:
         report(
-            directory(f"{PRED}/{CELL}"),
+            directory(L.predictions_dir()),
             patterns=["{chip}.png"],
             category="5. Predictions",
             subcategory="{task}",
@@ -47,7 +46,7 @@ rule plot_predictions:
             caption="../report/predictions.rst",
         ),
     log:
-        f"{LOGS}/plot_predictions/{CELL_NAME}.log",
+        L.log("plot_predictions", L.cell_name()),
     conda:
         "../envs/geofm.yaml"
     params:

@@ -20,20 +20,22 @@ localrules:
 rule summary:
     """One row per cell: status, headline metric against the trivial baseline, resources."""
     input:
-        metrics=cell_files(f"{OUT}/{CELL}/metrics.json"),
-        finetune=cell_files(f"{OUT}/{CELL}/finetune.json"),
-        baselines=expand(f"{OUT}/baselines/{{task}}.json", task=EXP["enabled_tasks"]),
+        metrics=cell_files(metrics_file),
+        finetune=cell_files(finetune_file),
+        baselines=[L.baseline(task) for task in EXP["enabled_tasks"]],
     output:
-        csv=report(f"{OUT}/summary.csv", category="1. Results", subcategory="Per cell", caption="../report/summary.rst"),
-        json=f"{OUT}/summary.json",
+        csv=report(
+            L.table("summary.csv"), category="1. Results", subcategory="Per cell", caption="../report/summary.rst"
+        ),
+        json=L.table("summary.json"),
     log:
-        f"{LOGS}/summary.log",
+        L.log("summary", "summary"),
     conda:
         "../envs/geofm.yaml"
     params:
         experiment={"experiment": NAME, "description": EXP["description"]},
-        cells=[[c.task, c.model, c.seed] for c in CELLS],
-        err_dir=ERR,
+        cells=[list(c) for c in CELLS],
+        layout=L,
     script:
         "../scripts/summary.py"
 
@@ -41,29 +43,29 @@ rule summary:
 rule aggregate:
     """Mean, standard deviation and bootstrap interval across seeds; ranking across tasks."""
     input:
-        metrics=cell_files(f"{OUT}/{CELL}/metrics.json"),
+        metrics=cell_files(metrics_file),
     output:
         csv=report(
-            f"{OUT}/aggregate.csv",
+            L.table("aggregate.csv"),
             category="1. Results",
             subcategory="Across seeds",
             caption="../report/aggregate.rst",
         ),
-        json=f"{OUT}/aggregate.json",
-        md=f"{OUT}/aggregate.md",
+        json=L.table("aggregate.json"),
+        md=L.table("aggregate.md"),
         ranking=report(
-            f"{OUT}/ranking.csv", category="1. Results", subcategory="Ranking", caption="../report/ranking.rst"
+            L.table("ranking.csv"), category="1. Results", subcategory="Ranking", caption="../report/ranking.rst"
         ),
-        ranking_md=f"{OUT}/ranking.md",
+        ranking_md=L.table("ranking.md"),
         per_class=report(
-            f"{OUT}/per_class.csv", category="1. Results", subcategory="Per class", caption="../report/per_class.rst"
+            L.table("per_class.csv"), category="1. Results", subcategory="Per class", caption="../report/per_class.rst"
         ),
     log:
-        f"{LOGS}/aggregate.log",
+        L.log("aggregate", "aggregate"),
     conda:
         "../envs/geofm.yaml"
     params:
-        cells=[[c.task, c.model, c.seed] for c in CELLS],
+        cells=[list(c) for c in CELLS],
         bootstrap=EXP["bootstrap"],
         references={m: spec["reference"] for m, spec in EXP["models"].items()},
     script:
@@ -73,12 +75,12 @@ rule aggregate:
 rule cost_ledger:
     """Time, device-hours, memory and energy per cell and in total."""
     input:
-        f"{OUT}/summary.json",
+        L.table("summary.json"),
     output:
-        csv=report(f"{OUT}/cost.csv", category="3. Cost", caption="../report/cost.rst"),
-        md=f"{OUT}/cost.md",
+        csv=report(L.table("cost.csv"), category="3. Cost", caption="../report/cost.rst"),
+        md=L.table("cost.md"),
     log:
-        f"{LOGS}/cost_ledger.log",
+        L.log("cost_ledger", "cost_ledger"),
     conda:
         "../envs/geofm.yaml"
     script:
@@ -88,17 +90,17 @@ rule cost_ledger:
 rule learning_curves:
     """Training and validation curves of every model and seed of a task."""
     input:
-        lambda w: [f"{OUT}/{c.task}/{c.model}/seed{c.seed}/curves.csv" for c in CELLS if c.task == w.task],
+        lambda w: [L.cell_file("curves.csv", *c) for c in CELLS if c.task == w.task],
     output:
         report(
-            f"{OUT}/curves/{{task}}.png",
+            L.curves_plot(),
             category="2. Learning curves",
             subcategory="{task}",
             labels={"task": "{task}"},
             caption="../report/curves.rst",
         ),
     log:
-        f"{LOGS}/learning_curves/{{task}}.log",
+        L.log("learning_curves", "{task}"),
     conda:
         "../envs/geofm.yaml"
     params:
@@ -113,9 +115,9 @@ rule dataset_manifest:
     input:
         task_data,
     output:
-        f"{OUT}/datasets/{{task}}.json",
+        L.dataset_manifest(),
     log:
-        f"{LOGS}/dataset_manifest/{{task}}.log",
+        L.log("dataset_manifest", "{task}"),
     conda:
         "../envs/geofm.yaml"
     params:
@@ -128,13 +130,13 @@ rule dataset_manifest:
 rule manifest:
     """Provenance of the experiment: code, config, data, weights, packages, hardware, jobs."""
     input:
-        datasets=expand(f"{OUT}/datasets/{{task}}.json", task=EXP["enabled_tasks"]),
-        configs=cell_files(f"{OUT}/{CELL}/config.yaml"),
-        resources=cell_files(f"{OUT}/{CELL}/finetune.json") + cell_files(f"{OUT}/{CELL}/evaluate.json"),
+        datasets=[L.dataset_manifest(task) for task in EXP["enabled_tasks"]],
+        configs=cell_files(config_file),
+        resources=cell_files(finetune_file) + cell_files(evaluate_file),
     output:
-        report(f"{OUT}/manifest.json", category="4. Provenance", caption="../report/manifest.rst"),
+        report(L.table("manifest.json"), category="4. Provenance", caption="../report/manifest.rst"),
     log:
-        f"{LOGS}/manifest.log",
+        L.log("manifest", "manifest"),
     conda:
         "../envs/geofm.yaml"
     params:
@@ -146,15 +148,15 @@ rule manifest:
 rule overview:
     """The report's front page: headline table, ranking, cost and a prediction per task."""
     input:
-        aggregate=f"{OUT}/aggregate.json",
-        summary=f"{OUT}/summary.json",
-        cost=f"{OUT}/cost.csv",
-        curves=expand(f"{OUT}/curves/{{task}}.png", task=EXP["enabled_tasks"]),
-        predictions=[f"{PRED}/{task}/{MODELS[0]}/seed{EXP['seeds'][0]}" for task in EXP["enabled_tasks"]],
+        aggregate=L.table("aggregate.json"),
+        summary=L.table("summary.json"),
+        cost=L.table("cost.csv"),
+        curves=[L.curves_plot(task) for task in EXP["enabled_tasks"]],
+        predictions=[L.predictions_dir(task, MODELS[0], EXP["seeds"][0]) for task in EXP["enabled_tasks"]],
     output:
-        f"{OUT}/overview.html",
+        L.table("overview.html"),
     log:
-        f"{LOGS}/overview.log",
+        L.log("overview", "overview"),
     conda:
         "../envs/geofm.yaml"
     params:
@@ -167,14 +169,11 @@ rule overview:
 
 onerror:
     # Failed cells cannot feed the summary rule; write the summary anyway, marking them.
-    from pathlib import Path
-    from geofm import errors, summary
+    from geofm import evidence, summary
 
     # Jobs the scheduler killed (memory or time limit, scancel) could not write their err/ files.
-    killed = errors.write_killed_cells(
-        CELLS, out_dir=OUT, err_dir=ERR, logs_dir=LOGS, since=errors.run_started(log)
-    )
+    killed = evidence.write_killed_cells(L, CELLS, since=evidence.run_started(log))
     for cell in killed:
-        print(f"{cell}: killed by the scheduler; error file written in {ERR}/", file=sys.stderr)
-    summary.write(Path(OUT), Path(ERR), CELLS, EXP, Path(f"{OUT}/summary.csv"), Path(f"{OUT}/summary.json"))
-    print(f"Summary with failed cells marked: {OUT}/summary.csv; error files in {ERR}/", file=sys.stderr)
+        print(f"{cell}: killed by the scheduler; error file written in {L.err}/", file=sys.stderr)
+    summary.write(L, CELLS, EXP)
+    print(f"Summary with failed cells marked: {L.table('summary.csv')}; error files in {L.err}/", file=sys.stderr)

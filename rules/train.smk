@@ -6,16 +6,16 @@ rule render_config:
     input:
         unpack(render_inputs),
     output:
-        f"{OUT}/{CELL}/config.yaml",
+        L.cell_file("config.yaml"),
     log:
-        f"{LOGS}/render_config/{CELL_NAME}.log",
+        L.log("render_config", L.cell_name()),
     priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
     params:
         settings=settings,
-        splits_dir=splits_dir,
-        run_dir=f"{SCRATCH}/{CELL}",
+        splits_dir=lambda w: L.splits_dir(w.task),
+        run_dir=L.cell_scratch(),
         weights=lambda w: weights_file(w.model) if needs_download(w.model) else None,
     script:
         "../scripts/render_config.py"
@@ -27,11 +27,11 @@ rule preflight:
         config=first_seed_config,
         data=task_data,
     output:
-        f"{OUT}/{{task}}/{{model}}/preflight.json",
+        L.preflight(),
     log:
-        f"{LOGS}/preflight/{{task}}_{{model}}.log",
+        L.log("preflight", "{task}_{model}"),
     benchmark:
-        f"{BENCH}/preflight/{{task}}_{{model}}.tsv"
+        L.benchmark("preflight", "{task}_{model}")
     priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
@@ -41,10 +41,9 @@ rule preflight:
         runtime=lambda w, attempt: 20 * attempt,
         gpu=1,
     params:
-        task="{task}",
-        trainer=EXP["trainer"],
-        run_dir=f"{SCRATCH}/{{task}}/{{model}}/preflight",
-        err=lambda w: [f"{ERR}/{w.task}_{w.model}_seed{seed}.err" for seed in EXP["seeds"]],
+        job=job,
+        run_dir=f"{L.scratch}/{{task}}/{{model}}/preflight",
+        err=lambda w: [L.err_file(w.task, w.model, seed) for seed in EXP["seeds"]],
         cell="{task}/{model} (preflight)",
     script:
         "../scripts/preflight.py"
@@ -53,18 +52,18 @@ rule preflight:
 rule finetune:
     """Fine-tune with TerraTorch; the checkpoint is picked on the selection split."""
     input:
-        config=f"{OUT}/{CELL}/config.yaml",
+        config=L.cell_file("config.yaml"),
         data=task_data,
         preflight=preflight_done,
     output:
-        checkpoint=f"{SCRATCH}/{CELL}/best.ckpt",
-        curves=f"{OUT}/{CELL}/curves.csv",
-        resources=f"{OUT}/{CELL}/finetune.json",
-        effective_config=f"{OUT}/{CELL}/config.effective.yaml",
+        checkpoint=L.checkpoint(),
+        curves=L.cell_file("curves.csv"),
+        resources=L.cell_file("finetune.json"),
+        effective_config=L.cell_file("config.effective.yaml"),
     log:
-        f"{LOGS}/finetune/{CELL_NAME}.log",
+        L.log("finetune", L.cell_name()),
     benchmark:
-        f"{BENCH}/finetune/{CELL_NAME}.tsv"
+        L.benchmark("finetune", L.cell_name())
     priority: PRIORITY_LONG
     conda:
         "../envs/geofm.yaml"
@@ -75,9 +74,9 @@ rule finetune:
         runtime=lambda w, attempt: 240 * attempt,
         gpu=1,
     params:
-        trainer=EXP["trainer"],
-        run_dir=f"{SCRATCH}/{CELL}",
-        err=f"{ERR}/{CELL_NAME}.err",
-        cell=CELL,
+        job=job,
+        run_dir=L.cell_scratch(),
+        err=L.err_file(),
+        cell=L.cell(),
     script:
         "../scripts/finetune.py"

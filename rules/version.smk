@@ -21,15 +21,15 @@ localrules:
 rule version:
     """Every output exists: dvc add the large results, commit the small text (no push)."""
     input:
-        [t for t in final_targets() if not t.startswith(f"{SCRATCH}/versioning/")],
+        [t for t in final_targets() if not t.startswith(f"{L.scratch}/versioning/")],
     output:
-        f"{SCRATCH}/versioning/version.json",
+        f"{L.scratch}/versioning/version.json",
     log:
-        f"{SCRATCH}/versioning/version.log",
+        f"{L.scratch}/versioning/version.log",
     conda:
         "../envs/geofm.yaml"
     params:
-        exp_dir=lambda w: RESULTS,
+        exp_dir=lambda w: L.root,
         experiment=NAME,
         outcome="succeeded",
         settings=EXP["versioning"],
@@ -40,13 +40,13 @@ rule version:
 rule version_evidence:
     """What a failed run left behind (error files, summary, logs, finished cells), prepared the same way."""
     output:
-        f"{SCRATCH}/versioning/evidence.json",
+        f"{L.scratch}/versioning/evidence.json",
     log:
-        f"{SCRATCH}/versioning/evidence.log",
+        f"{L.scratch}/versioning/evidence.log",
     conda:
         "../envs/geofm.yaml"
     params:
-        exp_dir=RESULTS,
+        exp_dir=L.root,
         experiment=NAME,
         outcome="failed",
         settings=EXP["versioning"],

@@ -4,18 +4,19 @@ import csv
 import json
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     from geofm import stats
-    from geofm.tasks import DEFINITIONS, TASKS
+    from geofm.formatting import markdown
+    from geofm.tasks import TASKS
 
     cells = []
     for (task, model, seed), path in zip(sm.params.cells, sm.input.metrics):
-        cells.append(
-            {"task": task, "model": model, "seed": seed, "metrics": json.loads(Path(path).read_text())["pinned"]}
-        )
+        metrics = json.loads(Path(path).read_text())
+        leaky = (metrics.get("splits") or {}).get("leaky")
+        cells.append({"task": task, "model": model, "seed": seed, "metrics": metrics["pinned"], "leaky": leaky})
     rows = stats.aggregate(cells, sm.params.bootstrap, sm.params.references)
     ranking = stats.ranking(rows)
 
@@ -38,15 +39,16 @@ with errors.captured(sm.log[0]):
         "reference",
         "delta_to_reference",
         "within_tolerance",
+        "leaky",
     ]
     write_csv(sm.output.csv, [{k: r[k] for k in columns} for r in rows])
     headline = [r for r in rows if r["headline"]]
     Path(sm.output.md).write_text(
-        "Headline metrics across seeds (mean, std, bootstrap 95% interval).\n\n" + stats.markdown(headline, columns)
+        "Headline metrics across seeds (mean, std, bootstrap 95% interval).\n\n" + markdown(headline, columns)
     )
     write_csv(sm.output.ranking, ranking)
     rank_cols = ["overall_rank", "model", "mean_rank", "tasks"] + [f"rank_{t}" for t in TASKS]
-    Path(sm.output.ranking_md).write_text(stats.RANKING_RULE + "\n\n" + stats.markdown(ranking, rank_cols))
+    Path(sm.output.ranking_md).write_text(stats.RANKING_RULE + "\n\n" + markdown(ranking, rank_cols))
 
     per_class = []
     for task, spec in TASKS.items():
@@ -64,7 +66,7 @@ with errors.captured(sm.log[0]):
     document = {
         "bootstrap": sm.params.bootstrap,
         "ranking_rule": stats.RANKING_RULE,
-        "definitions": {t: DEFINITIONS[t] for t in sorted({c["task"] for c in cells})},
+        "definitions": {t: TASKS[t].definitions for t in sorted({c["task"] for c in cells})},
         "rows": rows,
         "ranking": ranking,
     }

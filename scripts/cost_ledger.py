@@ -4,12 +4,12 @@ import csv
 import json
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
+    from geofm.formatting import markdown
     from geofm.ledger import COLUMNS, ledger
-    from geofm.stats import markdown
 
     rows = ledger(json.loads(Path(sm.input[0]).read_text())["rows"])
     with open(sm.output.csv, "w", newline="") as f:

@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from geofm import errors, manifest
+from geofm import evidence, manifest
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     document = manifest.dataset_manifest(sm.wildcards.task, Path(sm.params.data_root))
     Path(sm.output[0]).write_text(json.dumps(document, indent=1))

@@ -2,13 +2,11 @@
 
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0], sm.params.err, stage="evaluate", cell=sm.params.cell):
-    from geofm import jobs
+with evidence.captured(sm.log[0], sm.params.err, stage="evaluate", cell=sm.params.cell):
+    from geofm import training
 
     outputs = {name: sm.output[name] for name in ("metrics", "resources", "predictions")}
-    jobs.evaluate(
-        Path(sm.input.config), Path(sm.input.checkpoint), sm.params.task, sm.params.trainer, sm.threads, outputs
-    )
+    training.evaluate(Path(sm.input.config), Path(sm.input.checkpoint), sm.params.job, sm.threads, outputs)

@@ -7,16 +7,16 @@ import os
 import shutil
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     from huggingface_hub import hf_hub_download
 
-    from geofm import registry
+    from geofm import backbones
 
     model = sm.params.model
-    default_repo, default_file = registry.hub_file(registry.snapshot(Path(sm.params.cache).parent), model["backbone"])
+    default_repo, default_file = backbones.hub_file(backbones.snapshot(Path(sm.params.cache).parent), model["backbone"])
     repo = model["hub_id"] or default_repo
     filename = model["hub_filename"] or default_file
     if not repo or not filename:

@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-from geofm import errors, manifest
+from geofm import evidence, manifest
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     p = sm.params.provenance
     document = manifest.experiment_manifest(
         code=p["code"],

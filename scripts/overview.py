@@ -4,10 +4,10 @@ import csv
 import json
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     from geofm.overview import build
 
     with open(sm.input.cost) as f:

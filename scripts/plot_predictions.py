@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from geofm import errors
+from geofm import evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     from geofm.plots import plot_predictions
 
     p = sm.params.plots

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from geofm import errors, render
+from geofm import evidence, render
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     settings = sm.params.settings
     paths = {
         "data_root": str(Path(settings["data_root"]).resolve()),
@@ -15,11 +15,6 @@ with errors.captured(sm.log[0]):
     }
     if paths["ckpt_path"]:
         paths["ckpt_path"] = str(Path(paths["ckpt_path"]).resolve())
-    config = render.render(Path(sm.input.recipe).read_text(), settings, paths)
-    header = (
-        f"Cell {settings['task']} / {settings['model']} / seed {settings['seed']}, rendered from {sm.input.recipe}.\n"
-        "Run it by hand with: terratorch fit --config <this file>\n"
-        "trainer.precision 'auto' and num_workers 'auto' are decided by the job for its hardware;\n"
-        "config.effective.yaml beside this file is what actually ran."
-    )
-    render.write(config, Path(sm.output[0]), header)
+    notes: list[str] = []
+    config = render.render(Path(sm.input.recipe).read_text(), settings, paths, notes)
+    render.write(config, Path(sm.output[0]), render.header(settings, sm.input.recipe, notes))

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from geofm import errors, sample_data
+from geofm import evidence, sample_data
 from geofm.tasks import TASKS
 
-with errors.captured(snakemake.log[0]):  # noqa: F821 (provided by Snakemake)
+with evidence.captured(snakemake.log[0]):  # noqa: F821 (provided by Snakemake)
     task = snakemake.wildcards.task  # noqa: F821
     root = Path(snakemake.output[0])  # noqa: F821
     sample_data.write(task, root, snakemake.params.seed)  # noqa: F821

@@ -1,13 +1,14 @@
-"""Rule selection_split: the deterministic crop hold-out (train / select / test id lists)."""
+"""Rule selection_split: the deterministic hold-out of a task without a usable validation split
+(train / select / test id lists)."""
 
 from pathlib import Path
 
-from geofm import errors
-from geofm.tasks import crop_selection_split
+from geofm import evidence
+from geofm.tasks import TASKS
+from geofm.tasks.base import write_split_lists
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
-    splits = crop_selection_split(Path(sm.params.data_root))
-    for name in ("train", "select", "test"):
-        Path(sm.output[name]).write_text("".join(f"{chip}\n" for chip in splits[name]))
-        print(f"{name}: {len(splits[name])} chips")
+with evidence.captured(sm.log[0]):
+    splits = TASKS[sm.wildcards.task].holdout_split(Path(sm.params.data_root))
+    write_split_lists(splits, Path(sm.output.select).parent)
+    print("\n".join(f"{name}: {len(ids)} chips" for name, ids in splits.items()))

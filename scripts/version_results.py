@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from geofm import errors, versioning
+from geofm import evidence, versioning
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
-with errors.captured(sm.log[0]):
+with evidence.captured(sm.log[0]):
     versioning.prepare(
         Path.cwd(),
         Path(sm.params.exp_dir),

@@ -69,3 +69,29 @@ def default_run(tmp_path_factory, shared_cache):
     workdir = tmp_path_factory.mktemp("default_run")
     result = run_snakemake(workdir, "--cores", "2", config={"cache_dir": str(shared_cache)}, timeout=1200)
     return workdir, result
+
+
+CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers": 0, "pin_memory": False,
+       "persistent_workers": False, "prefetch_factor": 2, "tf32": False}  # fmt: skip
+
+
+def render_for_sample(task, recipe_text: str, data: Path, work: Path, cache: Path, **task_settings) -> Path:
+    """A recipe rendered for one task's data as the render_config rule does (CPU, 1 epoch,
+    batch 2), with the task's hold-out lists written; returns the config file."""
+    from geofm import config as experiment_config
+    from geofm import render
+    from geofm.tasks import TASKS
+    from geofm.tasks.base import write_split_lists
+
+    raw = {"tasks": {t: {"enabled": t == task.name} for t in TASKS}, "cache_dir": str(cache)}
+    raw["tasks"][task.name].update(data_root=str(data), overrides={"max_epochs": 1, "batch_size": 2}, **task_settings)
+    experiment = experiment_config.resolve(raw, root=REPO)
+    splits = work / "splits"
+    if task.holdout:
+        write_split_lists(task.holdout_split(data), splits)
+    settings = experiment_config.cell_settings(experiment, task.name, "tiny", 0)
+    paths = {"data_root": str(data), "run_dir": str(work / "run"), "splits_dir": str(splits), "ckpt_path": None}
+    config = render.render(recipe_text, {**settings, "trainer": CPU}, paths)
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

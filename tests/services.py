@@ -356,9 +356,9 @@ class Relay:
 
 def registry_file(shared_cache: Path) -> Path:
     """The session's TerraTorch registry snapshot (taken once: ~10 s)."""
-    from geofm import registry
+    from geofm import backbones
 
-    registry.snapshot(shared_cache)
+    backbones.snapshot(shared_cache)
     return next(Path(shared_cache).glob("terratorch-registry-*.json"))
 
 

@@ -205,7 +205,7 @@ def background(request, cluster, tmp_path_factory, shared_cache):
     needed = {name for item in mine for name in item.fixturenames if name in RUNS}
     runs: dict[str, Run] = {}
     if needed:  # take the TerraTorch registry snapshot once, not in every run at the same time
-        warm = f"from geofm import registry; registry.snapshot({str(shared_cache)!r})"
+        warm = f"from geofm import registry; backbones.snapshot({str(shared_cache)!r})"
         subprocess.run([str(VENV_BIN / "python"), "-c", warm], cwd=REPO, check=True, timeout=300)
     slurm = ["--profile", str(REPO / "profiles" / "slurm")]
     lsf = ["--profile", str(REPO / "profiles" / "lsf")]
@@ -314,12 +314,12 @@ def dry_run_jobs(stdout: str) -> dict[str, list[dict]]:
 
 
 def test_scheduler_log_is_found_inside_a_slurm_job(tmp_path, cluster):
-    """errors.scheduler_log() inside a real SLURM job: the plugin's log layout, else scontrol."""
+    """evidence.scheduler_log() inside a real SLURM job: the plugin's log layout, else scontrol."""
     layout = tmp_path / ".snakemake" / "slurm_logs" / "rule_finetune" / "crop_tiny_0"
     layout.mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = f"{VENV_BIN}/python -c 'from geofm import errors; print(errors.scheduler_log())'"
+    probe = f"{VENV_BIN}/python -c 'from geofm import errors; print(evidence.scheduler_log())'"
     ids = []
     for out in (layout / "%j.log", elsewhere / "job-%j.txt"):
         sub = subprocess.run(

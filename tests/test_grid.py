@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, job_counts, run_snakemake, write_config
+from conftest import VENV_BIN, job_counts, run_snakemake, write_config
 from PIL import Image
 
 from geofm import stats
@@ -123,8 +123,7 @@ def test_compare_with_itself_shows_zero_and_nothing_significant(grid, tmp_path):
     results = workdir / "results" / "grid"
     out = subprocess.run(
         [
-            str(VENV_BIN / "python"),
-            str(REPO / "scripts" / "compare.py"),
+            str(VENV_BIN / "geofm-compare"),
             str(results),
             str(results),
             "--out",

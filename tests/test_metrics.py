@@ -11,7 +11,9 @@ import torch
 
 from geofm import stats
 from geofm.metrics import PinnedMetrics
-from geofm.tasks import BIOMASS_BINS
+from geofm.tasks import TASKS
+
+BIOMASS_BINS = TASKS["biomass"].value_bins
 
 
 def _iou(pred, target, c):

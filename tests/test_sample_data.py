@@ -10,7 +10,8 @@ import pytest
 import rasterio
 
 from geofm import sample_data
-from geofm.tasks import TASKS, crop_selection_split, read_ids
+from geofm.tasks import TASKS
+from geofm.tasks.base import read_ids
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def _size(folder: Path) -> int:
 
 
 def test_small_and_seeded(data, tmp_path):
-    assert _size(data) < 50 * 2**20
+    assert sum(_size(data / t) for t, spec in TASKS.items() if spec.default_enabled) < 50 * 2**20
+    assert all(_size(data / t) < 20 * 2**20 for t in TASKS)
     sample_data.write("landslide", tmp_path / "again", seed=0)
     a = h5py.File(data / "landslide" / "images" / "train" / "image_1.h5")["img"][:]
     b = h5py.File(tmp_path / "again" / "images" / "train" / "image_1.h5")["img"][:]
@@ -92,8 +94,9 @@ def test_labels_carry_a_learnable_signal(data):
 
 
 def test_crop_holdout_is_deterministic_and_disjoint(data):
-    a = crop_selection_split(data / "crop")
-    b = crop_selection_split(data / "crop")
+    crop = TASKS["crop"]
+    a = crop.holdout_split(data / "crop")
+    b = crop.holdout_split(data / "crop")
     assert a == b and a["select"]
     assert not set(a["select"]) & set(a["train"])
     assert set(a["select"]) | set(a["train"]) == set(read_ids(data / "crop" / "training_data.txt"))

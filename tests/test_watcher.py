@@ -81,12 +81,9 @@ def admin_store(store: Store, keys) -> Store:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, s3, shared_cache):
     """A bare 'GitLab' remote with this project, a researcher's clone and the registry snapshot."""
-    from geofm import registry
-
     root = tmp_path_factory.mktemp("project")
-    registry.snapshot(shared_cache)
     cache = root / "cache"
-    sv.seed_registry(cache, next(Path(shared_cache).glob("terratorch-registry-*.json")))
+    sv.seed_registry(cache, sv.registry_file(shared_cache))
     bare = sv.seed_remote(root, s3)
     return {"root": root, "bare": bare, "user": sv.clone(bare, root / "user"), "cache": cache}
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from geofm.tasks import DEFINITIONS, TASKS
+from geofm.tasks import TASKS
 
 pytestmark = pytest.mark.e2e
 CELLS = [(task, "tiny", 0) for task in ("crop", "landslide", "biomass")]
@@ -33,7 +33,7 @@ def test_metrics_present_in_range_and_beat_baseline(results, task, model, seed):
     baseline = json.loads((results / "out" / "baselines" / f"{task}.json").read_text())
     pinned, logged = metrics["pinned"], metrics["terratorch"]
     spec = TASKS[task]
-    for name in DEFINITIONS[task]:
+    for name in TASKS[task].definitions:
         if "<" not in name:
             assert name in pinned, f"{task}: pinned metric {name} missing"
     if spec.kind == "segmentation":
@@ -162,7 +162,7 @@ def test_a_rerun_trains_on_the_same_augmented_batches(results, workers):
     seed_everything does not reach: unseeded, the crop flips differ between runs of a cell."""
     import torch
 
-    from geofm.jobs import build_cli, runtime_settings
+    from geofm.training import build_cli, runtime_settings
 
     config = cell_dir(results, "crop", "tiny", 0) / "config.effective.yaml"
     trainer = {"accelerator": "cpu", "precision": "32-true", "num_workers": workers, "pin_memory": False,

@@ -1,1 +1,1 @@
-"""Command-line entry points (pyproject [project.scripts]): geofm-submit, geofm-wait, geofm-watcher, ..."""
+"""Command-line entry points (pyproject [project.scripts]): geofm-submit, geofm-wait, geofm-watcher, geofm-compare."""

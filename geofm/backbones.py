@@ -39,7 +39,9 @@ def snapshot(cache_dir: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIGHTLY_DID_VERSION_CHECK": "True"}
-    out = subprocess.run([sys.executable, "-m", "geofm.registry"], capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "geofm.backbones"], capture_output=True, text=True, env=env, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"could not list TerraTorch backbones: {out.stderr.strip()[-500:]}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,10 @@
 """Error files: err/<task>_<model>_seed<N>.err, the evidence a failed cell leaves behind.
 
-Each holds the stage, the exception, the last lines of the job's log, the log's path and,
+This module is the one way a failed job reaches err/ (at the paths geofm.layout gives): a job
+that raises writes its own file as it fails (`captured`, around every rule script), and a job
+the scheduler killed before it could (memory or time limit, scancel) gets its file from the
+workflow's onerror handler, which reads the job's scheduler log (`write_killed_cells`). Both
+write through `write`. Each holds the stage, the exception, the last lines of the job's log, the log's path and,
 on a cluster, the scheduler's job id and log. A cell's error file is removed when the
 stage that wrote it succeeds on a re-run.
 """
@@ -193,20 +197,20 @@ def write_killed(
     return True
 
 
-def write_killed_cells(cells, *, out_dir: Path, err_dir: Path, logs_dir: Path, since: float) -> list[str]:
+def write_killed_cells(layout, cells, *, since: float) -> list[str]:
     """write_killed for every heavy job of a run's cells (preflight per task x model, finetune,
-    evaluate), in the results layout; returns the cells whose err/ files it wrote."""
-    out_dir, err_dir, logs_dir = Path(out_dir), Path(err_dir), Path(logs_dir)
+    evaluate), at the paths `layout` (geofm.layout.ResultsLayout) gives; returns the jobs whose
+    err/ files it wrote."""
     written = []
     for task, model in dict.fromkeys((c.task, c.model) for c in cells):
-        errs = [err_dir / f"{c.err_name}.err" for c in cells if (c.task, c.model) == (task, model)]
+        seeds = [c.seed for c in cells if (c.task, c.model) == (task, model)]
         if write_killed(
             "preflight",
             {"task": task, "model": model},
-            done=out_dir / task / model / "preflight.json",
-            err_paths=errs,
-            cell=f"{task}/{model} (preflight)",
-            log_path=logs_dir / "preflight" / f"{task}_{model}.log",
+            done=Path(layout.preflight(task, model)),
+            err_paths=[Path(layout.err_file(task, model, seed)) for seed in seeds],
+            cell=f"{layout.cell(task, model, '*')} (preflight)",
+            log_path=Path(layout.log("preflight", f"{task}_{model}")),
             since=since,
         ):
             written.append(f"{task}/{model} (preflight)")
@@ -214,12 +218,12 @@ def write_killed_cells(cells, *, out_dir: Path, err_dir: Path, logs_dir: Path, s
         for rule, done in (("finetune", "finetune.json"), ("evaluate", "metrics.json")):
             if write_killed(
                 rule,
-                {"task": c.task, "model": c.model, "seed": c.seed},
-                done=out_dir / c.task / c.model / f"seed{c.seed}" / done,
-                err_paths=[err_dir / f"{c.err_name}.err"],
-                cell=c.id,
-                log_path=logs_dir / rule / f"{c.err_name}.log",
+                dict(c._asdict()),
+                done=Path(layout.cell_file(done, *c)),
+                err_paths=[Path(layout.err_file(*c))],
+                cell=layout.cell(*c),
+                log_path=Path(layout.log(rule, layout.cell_name(*c))),
                 since=since,
             ):
-                written.append(c.id)
+                written.append(layout.cell(*c))
     return written

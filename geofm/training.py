@@ -20,9 +20,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from geofm import splits  # noqa: E402
 from geofm.metrics import PinnedMetrics  # noqa: E402
-from geofm.resources import Monitor, Throughput  # noqa: E402
-from geofm.tasks import TASKS  # noqa: E402
+from geofm.tasks import SEGMENTATION, TASKS  # noqa: E402
+from geofm.usage import Monitor, Throughput  # noqa: E402
 
 
 def runtime_settings(trainer: dict, threads: int) -> dict:
@@ -162,20 +163,48 @@ def _epoch_curves(metrics_csv: Path, out: Path) -> None:
             writer.writerow({**rows[epoch], "epoch": epoch})
 
 
-def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict) -> None:
+def _measured_splits(cli, config: Path, job: dict) -> dict:
+    """Which chips select the checkpoint and which are reported; a leak is refused here, before
+    any training (geofm.splits)."""
+    splits_dir = Path(job["splits_dir"]) if job.get("splits_dir") else None
+    facts = splits.measure(cli.datamodule, job["task"], Path(job["data_root"]), splits_dir)
+    rendered = yaml.safe_load(Path(config).read_text())
+    return splits.check(facts, rendered, job["task"], job["allow_selection_on_reported_split"])
+
+
+def _selection_callback(trainer):
+    """The ModelCheckpoint that monitors a metric (the rendered config guarantees one)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monitored = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    return monitored[0] if monitored else None
+
+
+def _csv_log(trainer, run_dir: Path) -> Path:
+    """Where the CSV logger wrote its metrics (the run folder unless the recipe says otherwise)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            return Path(logger.log_dir) / "metrics.csv"
+    return run_dir / "logs" / "metrics.csv"
+
+
+def finetune(config: Path, run_dir: Path, job: dict, threads: int, out: dict) -> None:
     """Fit; keep the checkpoint picked on the selection split; write curves and resources."""
     for stale in ("checkpoints", "logs"):
         shutil.rmtree(run_dir / stale, ignore_errors=True)
-    rt = runtime_settings(trainer, threads)
+    rt = runtime_settings(job["trainer"], threads)
     with Monitor() as monitor:
-        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.resources.Throughput"])
+        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.usage.Throughput"])
+        facts = _measured_splits(cli, config, job)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    callback = cli.trainer.checkpoint_callback
-    if not callback or not callback.best_model_path:
-        raise RuntimeError("no checkpoint was saved: the recipe needs a ModelCheckpoint callback with a monitor")
+    callback = _selection_callback(cli.trainer)
+    if callback is None or not callback.best_model_path:
+        raise RuntimeError("no checkpoint was selected: the recipe needs a ModelCheckpoint callback with a monitor")
     shutil.copyfile(callback.best_model_path, out["checkpoint"])
     throughput = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput))
-    _epoch_curves(run_dir / "logs" / "metrics.csv", Path(out["curves"]))
+    _epoch_curves(_csv_log(cli.trainer, run_dir), Path(out["curves"]))
     Path(out["effective_config"]).write_text(cli.parser.dump(cli.config, skip_none=False))
     report = monitor.report(
         window=throughput.steady_window(),
@@ -191,6 +220,7 @@ def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict
             "best_score": float(callback.best_model_score) if callback.best_model_score is not None else None,
             "best_checkpoint": Path(callback.best_model_path).name,
         },
+        splits=facts,
     )
     Path(out["resources"]).write_text(json.dumps(report, indent=2))
 
@@ -198,8 +228,8 @@ def finetune(config: Path, run_dir: Path, trainer: dict, threads: int, out: dict
 def _predict(cli, task: str, max_batches: int | None = None):
     """Inference over the test loader with the datamodule's normalisation applied.
 
-    TerraTorch's `predict` writer cannot handle the crop and landslide datamodules (their
-    samples carry no file name), so predictions are collected here.
+    TerraTorch's `predict` writer cannot handle datamodules whose samples carry no file name
+    (several of TerraTorch's dataset-specific ones), so predictions are collected here.
     """
     trainer, dm, model = cli.trainer, cli.datamodule, cli.model
     dm.setup("test")
@@ -217,7 +247,7 @@ def _predict(cli, task: str, max_batches: int | None = None):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch = dm.on_after_batch_transfer(batch, 0)
                 output = model(batch["image"]).output
-                if spec.kind == "segmentation":
+                if spec.kind == SEGMENTATION:
                     pred = output.argmax(1).to(torch.int8)
                 else:
                     pred = output.squeeze(1).float()
@@ -225,46 +255,48 @@ def _predict(cli, task: str, max_batches: int | None = None):
                 target = target.squeeze(1) if target.ndim == 4 else target
                 metrics.update(pred, target)
                 preds.append(pred.cpu().numpy())
-                targets.append(target.cpu().numpy().astype(np.int8 if spec.kind == "segmentation" else np.float32))
+                targets.append(target.cpu().numpy().astype(np.int8 if spec.kind == SEGMENTATION else np.float32))
     finally:
         trainer.testing = False
-    files = [str(f) for f in getattr(dm.test_dataset, "image_files", [])]
+    files = splits.dataset_files(dm.test_dataset) or []
     return metrics.compute(), np.concatenate(preds), np.concatenate(targets), files
 
 
-def evaluate(config: Path, checkpoint: Path, task: str, trainer: dict, threads: int, out: dict) -> None:
+def evaluate(config: Path, checkpoint: Path, job: dict, threads: int, out: dict) -> None:
     """Test the selected checkpoint; write every logged metric, the pinned ones and predictions."""
-    rt = runtime_settings(trainer, threads)
+    rt = runtime_settings(job["trainer"], threads)
     with Monitor() as monitor:
         cli = build_cli(config, rt)
+        facts = _measured_splits(cli, config, job)
         logged = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint))
-        pinned, preds, targets, files = _predict(cli, task)
+        pinned, preds, targets, files = _predict(cli, job["task"])
     np.savez_compressed(out["predictions"], pred=preds, target=targets, files=np.array(files))
     metrics = {
         "pinned": pinned,
         "terratorch": {k: float(v) for k, v in (logged[0] if logged else {}).items()},
         "test_chips": int(len(preds)),
+        "splits": facts,
     }
     Path(out["metrics"]).write_text(json.dumps(metrics, indent=2))
     report = monitor.report(**_param_counts(cli.model), runtime=rt, test_samples=int(len(preds)))
     Path(out["resources"]).write_text(json.dumps(report, indent=2))
 
 
-def preflight(config: Path, run_dir: Path, task: str, trainer: dict, threads: int, out: Path) -> None:
-    """One batch each of training, validation, test and prediction (Lightning's fast_dev_run)."""
+def preflight(config: Path, run_dir: Path, job: dict, threads: int, out: Path) -> None:
+    """The splits checked, then one batch each of training, validation, test and prediction
+    (Lightning's fast_dev_run)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    rt = runtime_settings(trainer, threads)
+    rt = runtime_settings(job["trainer"], threads)
     with Monitor() as monitor:
         cli = build_cli(config, rt, ["--trainer.fast_dev_run=1", f"--trainer.default_root_dir={run_dir}"])
+        facts = _measured_splits(cli, config, job)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
-        pinned, preds, _, _ = _predict(cli, task, max_batches=1)
+        pinned, preds, _, _ = _predict(cli, job["task"], max_batches=1)
     if not len(preds):
         raise RuntimeError("the test split yielded no batch")
-    report = monitor.report(runtime=rt, stages=["fit", "validate", "test", "predict"], predicted=int(len(preds)))
+    report = monitor.report(
+        runtime=rt, stages=["fit", "validate", "test", "predict"], predicted=int(len(preds)), splits=facts
+    )
     out.write_text(json.dumps(report, indent=2))
-
-
-def load_yaml(path: Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
-"""Compare two experiments: per task, model and metric, the difference of the seed means with a
+"""geofm-compare: compare two experiments: per task, model and metric, the difference of the seed means with a
 bootstrap interval, marked significant or not.
 
 Each side is a results folder (results/<experiment>) or a git revision and folder
 (<rev>:results/<experiment>, read from the versioned text results). Two experiments on
 different data (their dataset manifests differ) are refused unless --allow-different-data.
 
-    .venv/bin/python scripts/compare.py results/exp-a results/exp-b --out comparison/
-    .venv/bin/python scripts/compare.py HEAD~1:results/exp HEAD:results/exp
+    geofm-compare results/exp-a results/exp-b --out comparison/
+    geofm-compare HEAD~1:results/exp HEAD:results/exp
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import sys
 from pathlib import Path
 
 from geofm import stats
+from geofm.formatting import markdown
+from geofm.layout import ResultsLayout
 
 COLUMNS = [
     "task",
@@ -46,17 +47,18 @@ class Side:
             self.rev, self.folder = spec.split(":", 1)
         else:
             self.rev, self.folder = None, spec
-        if not self.files("out"):
+        self.layout = ResultsLayout.of(self.folder.rstrip("/"))
+        if not self.files():
             raise SystemExit(
                 f"compare: no results found at {spec}; fix: give results/<experiment> or <rev>:results/<experiment>"
             )
 
-    def files(self, sub: str) -> list[str]:
-        base = f"{self.folder.rstrip('/')}/{sub}"
+    def files(self) -> list[str]:
+        """Every JSON file under the experiment's out/ (a folder, or a git revision's tree)."""
         if self.rev is None:
-            return sorted(str(p) for p in Path(base).rglob("*.json"))
+            return sorted(str(p) for p in Path(self.layout.out).rglob("*.json"))
         out = subprocess.run(
-            ["git", "-C", str(self.repo), "ls-tree", "-r", "--name-only", self.rev, "--", base],
+            ["git", "-C", str(self.repo), "ls-tree", "-r", "--name-only", self.rev, "--", self.layout.out],
             capture_output=True,
             text=True,
         )
@@ -74,15 +76,15 @@ class Side:
 
     def cells(self) -> list[dict]:
         cells = []
-        for path in self.files("out"):
-            parts = Path(path).parts
-            if parts[-1] == "metrics.json" and parts[-2].startswith("seed"):
-                task, model, seed = parts[-4], parts[-3], int(parts[-2][4:])
+        for path in self.files():
+            cell = self.layout.cell_of(path)
+            if cell:
+                task, model, seed = cell
                 cells.append({"task": task, "model": model, "seed": seed, "metrics": self.read(path)["pinned"]})
         return cells
 
     def datasets(self) -> dict[str, str]:
-        return {Path(p).stem: self.read(p)["sha256"] for p in self.files("out/datasets")}
+        return {task: self.read(p)["sha256"] for p in self.files() if (task := self.layout.dataset_of(p))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"A = {args.a}\nB = {args.b}\ndifference = mean(A) - mean(B); {int(args.confidence * 100)}% bootstrap interval over seeds\n"
     )
-    print(stats.markdown(shown, COLUMNS))
+    print(markdown(shown, COLUMNS))
     significant = [r for r in rows if r["significant"]]
     print(f"{len(significant)} of {len(rows)} task/model/metric differences are significant.")
     if args.out:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.DictWriter(f, fieldnames=COLUMNS + ["headline"])
             writer.writeheader()
             writer.writerows(rows)
-        (args.out / "comparison.md").write_text(f"A = `{args.a}`, B = `{args.b}`\n\n" + stats.markdown(rows, COLUMNS))
+        (args.out / "comparison.md").write_text(f"A = `{args.a}`, B = `{args.b}`\n\n" + markdown(rows, COLUMNS))
     return 0
 
 
