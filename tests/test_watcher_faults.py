@@ -10,6 +10,7 @@ the branch, one Snakemake run of it (resumed runs say so), its final status.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -173,12 +174,9 @@ def test_a_run_publishes_its_results_and_leaks_no_credential(faults):
     checkout = w.home / "runs" / sid / "checkout"
     assert (checkout / ".git").is_dir() and not (checkout / ".git" / "objects" / "info" / "alternates").exists()
     assert (faults.scratch / sid / "happy" / "versioning" / "version.json").is_file()
-    # DVC objects pushed with the DVC key to the operator's remote: a fresh clone restores the chip.
-    fresh = sv.clone(faults.bare, faults.root / "fresh-happy", branch=FAST)
-    sv.sh(sv.VENV_BIN / "dvc", "pull", "-q", cwd=fresh, env=faults.keys.ci, timeout=120)
-    assert (fresh / "results/happy/predictions/chip.bin").read_bytes() == (
-        checkout / "results/happy/predictions/chip.bin"
-    ).read_bytes()
+    # The DVC objects went to the operator's remote (restoring them: tests/test_ci_pipeline.py).
+    chip = hashlib.md5((checkout / "results/happy/predictions/chip.bin").read_bytes()).hexdigest()
+    assert f"dvc/files/md5/{chip[:2]}/{chip[2:]}" in faults.s3.keys("dvc/")
 
 
 def test_git_outage_at_checkout_requeues_sigterm_included_and_the_run_happens_once(faults):
@@ -275,10 +273,10 @@ def test_sigkill_during_versioning_resumes_and_publishes_once(faults):
 
 def test_a_holder_that_cannot_renew_fences_itself_and_the_new_holder_runs_it_once(faults):
     prefix = "t/takeover"
-    commit, text = faults.commit(experiment("takeover", description="sleep=15"))
+    commit, text = faults.commit(experiment("takeover", description="sleep=10"))
     sid = faults.submit(prefix, commit, text)
     relay = sv.Relay(faults.s3.ports["s3.port"])
-    ttl = {"lease-ttl": 8, "max-backoff": 2}
+    ttl = {"lease-ttl": 6, "max-backoff": 2}
     a = faults.watcher("A", prefix, endpoint=relay.endpoint, **ttl).start()
     sv.wait_for(lambda: (s := faults.status(prefix, sid)) and s.get("snakemake_started_at"), 120, what="A's run")
     b = faults.watcher("B", prefix, **ttl).start()
