@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from geofm import names
-from geofm.config import MAX_CONFIG_BYTES
+from geofm.config import MAX_CONFIG_BYTES, write_json
 from geofm.layout import ResultsLayout
 from geofm.retry import Transient
 from geofm.store import Malformed, TooLarge, Unavailable, now, parse_json, scrub
@@ -233,7 +233,7 @@ class Job:
             from geofm.versioning import clean_experiment
 
             clean_experiment(checkout, Path(layout.root))
-        (self.run_dir / "config.json").write_text(json.dumps(merged, indent=1, sort_keys=True, allow_nan=False))
+        write_json(merged, self.run_dir / "config.json")  # Snakemake never evaluates JSON
         (self.run_dir / "state.json").write_text(json.dumps(state, indent=2))
         (self.run_dir / "home").mkdir(exist_ok=True)
         self.w.own_run_dir(self.run_dir)
