@@ -227,10 +227,15 @@ class Keeper(threading.Thread):
 
     def _renew_once(self) -> None:
         try:
-            if not self.leases.renew(self.lease):
+            renewed = self.leases.renew(self.lease)
+            if self.done.is_set():
+                return  # the submission was finished (and its lease released) meanwhile
+            if not renewed:
                 self.fence("another watcher holds its lease now")
                 return
         except Exception as e:  # noqa: BLE001 - keep renewing whatever happens
+            if self.done.is_set():
+                return
             failing = time.monotonic() - self.lease.renewed
             self.leases.log(
                 f"renewing the lease of {self.lease.sid} failed ({type(e).__name__}: {e}); "
