@@ -250,38 +250,33 @@ def submit(store: Store, keys, jwks, commit: str = "0" * 40, branch: str = "main
     return ci_store(store, keys).submit(config, doc)
 
 
-def test_6_exactly_one_of_many_claims_wins_and_a_stale_lease_is_taken_by_exactly_one(store, keys, jwks):
-    sid = submit(store, keys, jwks)
-    many = [leases(store, f"w{i}", ttl=1.5) for i in range(8)]
-    won = [None] * len(many)
-    barrier = threading.Barrier(len(many))
+def claim_at_once(watchers: list[Leases], sid: str) -> list:
+    """Every watcher claims `sid` at the same moment (threads released by one barrier)."""
+    won = [None] * len(watchers)
+    barrier = threading.Barrier(len(watchers))
 
     def claim(i):
         barrier.wait()
-        won[i] = many[i].claim(sid)
+        won[i] = watchers[i].claim(sid)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(many))]
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(watchers))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    return won
+
+
+def test_6_exactly_one_of_many_claims_wins_and_a_stale_lease_is_taken_by_exactly_one(store, keys, jwks):
+    sid = submit(store, keys, jwks)
+    many = [leases(store, f"w{i}", ttl=1.5) for i in range(8)]
+    won = claim_at_once(many, sid)
     assert sum(x is not None for x in won) == 1
     holder = next(x for x in won if x)
     b, c = leases(store, "b"), leases(store, "c")
     assert b.claim(sid) is None and c.claim(sid) is None  # both start observing the ETag
     time.sleep(2.0)  # no renewal for longer than the lease's TTL
-    taken = [None, None]
-    barrier = threading.Barrier(2)
-
-    def take(i, w):
-        barrier.wait()
-        taken[i] = w.claim(sid)
-
-    threads = [threading.Thread(target=take, args=(i, w)) for i, w in enumerate((b, c))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    taken = claim_at_once([b, c], sid)
     assert sum(x is not None for x in taken) == 1
     new = next(x for x in taken if x)
     old_owner = next(w for w, x in zip(many, won) if x)
