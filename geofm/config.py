@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jsonschema
 import yaml
 
-from geofm import backbones
+from geofm import backbones, sample_data
 from geofm.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -204,12 +204,19 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
     enabled = [t for t in TASKS if config["tasks"][t]["enabled"]]
     if not enabled:
         raise ConfigError("tasks: every task is disabled; fix: set enabled: true for at least one")
-    sample_root = config["sample_data"]["root"]
+    sample = config["sample_data"]
     for task in TASKS:
         settings = config["tasks"][task]
-        settings["sample"] = settings["data_root"] in (None, f"{sample_root}/{task}")
+        # Generated data is keyed by what makes it: the task, the seed and the generator's version.
+        generated = f"{sample['root']}/{task}-seed{sample['seed']}-v{sample_data.GENERATOR_VERSION}"
+        settings["sample"] = not settings["download"] and settings["data_root"] in (None, generated)
+        if settings["download"] and settings["data_root"] is not None:
+            raise ConfigError(
+                f"tasks.{task}.download: downloads go to <cache_dir>/datasets/{task}; fix: remove "
+                f"tasks.{task}.data_root, or download: true to use the dataset already at data_root"
+            )
         if settings["data_root"] is None:
-            settings["data_root"] = f"{sample_root}/{task}"
+            settings["data_root"] = f"{config['cache_dir']}/datasets/{task}" if settings["download"] else generated
         if settings["recipe"] is None:  # the bundled recipe, wherever the run directory is
             settings["recipe"] = str(TASKS[task].recipe)
         if settings["enabled"]:
@@ -219,7 +226,8 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
                     f"tasks.{task}.recipe: {settings['recipe']} does not exist; fix: point it at "
                     "a TerraTorch config or remove the key to use the default recipe"
                 )
-            if check_data and not settings["sample"]:
+            fetched_later = settings["download"] and not (root / settings["data_root"]).exists()
+            if check_data and not settings["sample"] and not fetched_later:
                 problem = TASKS[task].check_layout(root / settings["data_root"])
                 if problem:
                     raise ConfigError(f"tasks.{task}.data_root: {problem}")
@@ -242,6 +250,17 @@ def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cell
                 raise ConfigError(
                     f"{key}.weights: file {model['weights']} does not exist; fix: give the path "
                     "of a local backbone checkpoint (relative to the workflow folder) or use hub_id"
+                )
+        if model["pretrained"] and model["weights"] is None:
+            default_id, default_file = backbones.hub_file(known, model["backbone"])
+            model["hub_id"], model["hub_filename"] = (
+                model["hub_id"] or default_id,
+                model["hub_filename"] or default_file,
+            )
+            if not model["hub_id"] or not model["hub_filename"]:
+                raise ConfigError(
+                    f"{key}: pretrained weights of {model['backbone']!r} have no known download; fix: set "
+                    f"{key}.hub_id and {key}.hub_filename, or {key}.weights: <local file>"
                 )
         if model["neck_indices"] is None:
             depth = backbones.depth(known, model["backbone"])
@@ -357,3 +376,71 @@ def cell_settings(config: dict, task: str, model: str, seed: int) -> dict:
         "overrides": overrides,
         "allow_selection_on_reported_split": config["tasks"][task]["allow_selection_on_reported_split"],
     }
+
+
+def describe(doc: dict | None = None) -> str:
+    """config/README.md: every key of the schema with its type, default and meaning (Markdown),
+    as the Snakemake workflow catalog renders it. Written by `python -m geofm.config`; a test
+    keeps the committed file equal to this."""
+    doc = doc or schema()
+    defs = doc["$defs"]
+    lines = [
+        "# Configuration",
+        "",
+        "One experiment is one config file: `config/config.yaml` by default, or any file given with",
+        "`--configfile`. It is validated against `config/schema.yaml` (and TerraTorch's backbone",
+        "registry, the dataset layouts and the weights files) before any job is planned; a problem stops",
+        "the run with one line naming the key and the fix. Keys left out take the defaults below.",
+        "Task-keyed sections list every registered task (geofm/tasks/).",
+        "",
+        "This page is generated from the schema: `python -m geofm.config > config/README.md`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+
+    def kind(node: dict) -> str:
+        if "$ref" in node:
+            return kind(defs[node["$ref"].split("/")[-1]])
+        if "oneOf" in node:
+            return " or ".join(kind(n) if "const" not in n else repr(n["const"]) for n in node["oneOf"])
+        t = node.get("type", "object")
+        return " or ".join(t) if isinstance(t, list) else t
+
+    def default(node: dict) -> str:
+        return f"`{json.dumps(node['default'])}`" if "default" in node else ""
+
+    def walk(node: dict, prefix: str) -> None:
+        node = {**defs.get(node.get("$ref", "#/x/").split("/")[-1], {}), **node}
+        if prefix in ("tasks.", "models.<name>.task_overrides.", "models.<name>.reference."):
+            sub = next(iter(node["properties"].values()), {})  # the same for every task
+            names = ", ".join(f"`{n}`" + ("" if t.default_enabled else " (off by default)") for n, t in TASKS.items())
+            lines.append(f"| `{prefix}<task>` | {kind(sub)} | | One entry per task: {names}. |")
+            if prefix == "tasks.":
+                walk(defs["task"], "tasks.<task>.")
+            return
+        for key, sub in node.get("properties", {}).items():
+            merged = {**defs.get(sub.get("$ref", "#/x/").split("/")[-1], {}), **sub}
+            text = " ".join(str(merged.get("description", "")).split()).replace("|", "\\|")
+            lines.append(f"| `{prefix}{key}` | {kind(sub)} | {default(sub)} | {text} |")
+            if merged.get("properties") and key not in ("overrides",):
+                walk(merged, f"{prefix}{key}.")
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict) and extra.get("$ref"):
+            name = extra["$ref"].split("/")[-1]
+            walk(defs[name], f"{prefix}<name>.")
+
+    walk(doc, "")
+    lines += ["", "Training overrides (`tasks.<task>.overrides`, `models.<name>.overrides`, "
+              "`models.<name>.task_overrides.<task>`; later ones win):", "",
+              "| key | type | meaning |", "|---|---|---|"]  # fmt: skip
+    for key, sub in defs["overrides"]["properties"].items():
+        text = " ".join(str(sub.get("description", "")).split())
+        lines.append(f"| `{key}` | {kind(sub)} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(describe())

@@ -105,6 +105,15 @@ def write(
     err_path.write_text(text)
 
 
+def _cause(error: BaseException) -> str:
+    """'<type>: <first line>', or for an error re-raised from a data loader worker (whose message
+    starts 'Caught X in DataLoader worker process N.') the original error's own last line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].strip()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 @contextlib.contextmanager
 def captured(log_path: Path, err_paths: Path | list | None = None, *, stage: str = "", cell: str = ""):
     """Run a job body with its stdout and stderr in its log file; on an exception write the
@@ -127,11 +136,10 @@ def captured(log_path: Path, err_paths: Path | list | None = None, *, stage: str
     except BaseException as e:
         traceback.print_exc()
         log.flush()
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        cause = f"{type(e).__name__}: {message}"
+        cause = _cause(e)
         if isinstance(e, SystemExit):  # argument parsers print the reason, then exit
             said = [line for line in tail(log_path, 200).splitlines() if line.startswith("error:")]
-            cause = f"config rejected by TerraTorch's CLI: {said[-1][len('error: ') :] if said else message}"
+            cause = f"config rejected by TerraTorch's CLI: {said[-1][len('error: ') :] if said else str(e)}"
         for err_path in err_paths:
             write(err_path, stage=stage, cell=cell, cause=cause, log_path=log_path, details=traceback.format_exc())
         raise
@@ -227,3 +235,15 @@ def write_killed_cells(layout, cells, *, since: float) -> list[str]:
             ):
                 written.append(layout.cell(*c))
     return written
+
+
+def causes(err_files: list[Path], since: float = 0.0) -> list[str]:
+    """'<stage>: <cause>' of each distinct failure among error files written since `since` (a
+    failure shared by several cells, such as a bad dataset, is listed once)."""
+    seen: dict[str, None] = {}
+    for err in err_files:
+        if err.stat().st_mtime < since:
+            continue
+        fields = dict(line.split(": ", 1) for line in err.read_text(errors="replace").splitlines()[:8] if ": " in line)
+        seen.setdefault(f"{fields.get('stage', '?')}: {fields.get('cause', 'see ' + str(err))}")
+    return list(seen)

@@ -1,8 +1,8 @@
-"""Provenance: dataset manifests (every file's size and content hash, per split) and the
-experiment manifest (code commit, config hash, rendered configs, packages, data, weights,
+"""Provenance: the experiment manifest (code commit, config hash, rendered configs, packages, data, weights,
 hardware, scheduler job ids, seeds).
 
-Manifests hold no timestamps: the same code, config and data give the same bytes, and
+(Each dataset's manifest, every file's size and content hash per split, is written by the
+validate_data rule: geofm/datacheck.py.) Manifests hold no timestamps: the same code, config and data give the same bytes, and
 any changed data file changes them.
 """
 
@@ -13,8 +13,6 @@ import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
-
-from geofm.tasks import TASKS
 
 PACKAGES = [
     "terratorch", "torch", "torchvision", "lightning", "torchgeo", "torchmetrics", "timm",
@@ -43,22 +41,6 @@ def fingerprint(root: Path) -> str:
             st = path.stat()
             entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
     return sha256_json(entries)
-
-
-def dataset_manifest(task: str, root: Path) -> dict:
-    root = Path(root)
-    splits = {}
-    for split, files in TASKS[task].split_files(root).items():
-        entries = [
-            {"path": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files
-        ]
-        splits[split] = {
-            "files": len(entries),
-            "bytes": sum(e["bytes"] for e in entries),
-            "sha256": sha256_json(entries),
-            "entries": entries,
-        }
-    return {"task": task, "sha256": sha256_json({s: v["sha256"] for s, v in splits.items()}), "splits": splits}
 
 
 def code_version(folder: Path) -> dict:
@@ -125,3 +107,20 @@ def experiment_manifest(
         "splits": dict(sorted(splits.items())),
         "scheduler_jobs": sorted(jobs, key=lambda j: j["output"]),
     }
+
+
+def write(layout, cells, tasks: list[str], provenance: dict) -> dict:
+    """out/manifest.json for a run's cells (only the files that exist: a failed cell has none)."""
+    files = [layout.cell_file(name, *c) for c in cells for name in ("finetune.json", "evaluate.json")]
+    document = experiment_manifest(
+        code=provenance["code"],
+        config_hash=provenance["config_hash"],
+        seeds=provenance["seeds"],
+        packages=provenance["packages"],
+        datasets=[Path(layout.dataset_manifest(t)) for t in tasks if Path(layout.dataset_manifest(t)).is_file()],
+        configs=[Path(p) for c in cells if (p := layout.cell_file("config.yaml", *c)) and Path(p).is_file()],
+        resources=[Path(f) for f in files if Path(f).is_file()],
+        weights=provenance["weights"],
+    )
+    Path(layout.table("manifest.json")).write_text(json.dumps(document, indent=2))
+    return document

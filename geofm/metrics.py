@@ -112,3 +112,22 @@ def trivial_baseline(task: str, train_targets: list[torch.Tensor], test_targets:
             constant = train.float().mean()
         metrics.update(torch.full_like(target, constant.item(), dtype=torch.float32), target)
     return metrics.compute()
+
+
+def baseline(task: str, root, splits_dir=None) -> dict:
+    """The trivial baseline's document: its pinned scores on the task's reported split (the
+    labels `Task.labels` yields for 'test'), trained on its training split."""
+    from pathlib import Path
+
+    spec = TASKS[task]
+    splits_dir = Path(splits_dir) if splits_dir else None
+    train = [torch.from_numpy(a) for a in spec.labels(Path(root), "train", splits_dir)]
+    test = [torch.from_numpy(a) for a in spec.labels(Path(root), "test", splits_dir)]
+    return {
+        "task": task,
+        "baseline": "majority training class" if spec.kind == SEGMENTATION else "training mean",
+        "computed_on": spec.test_split,
+        "headline": spec.headline,
+        "pinned": trivial_baseline(task, train, test),
+        "definitions": spec.definitions,
+    }

@@ -116,3 +116,24 @@ def build(
         "</div>",
     ]
     return "\n".join(parts)
+
+
+def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, cost_total: dict) -> Path:
+    """out/overview.html: the front page, with one prediction plot per task (the first model's
+    first seed that has one) and each task's learning curves."""
+    predictions, curves = {}, {}
+    for task in dict.fromkeys(c.task for c in cells):
+        for c in (c for c in cells if c.task == task):
+            pngs = sorted(Path(layout.predictions_dir(*c)).glob("*.png"))
+            if pngs:
+                predictions[task] = pngs[0]
+                break
+        if Path(layout.curves_plot(task)).is_file():
+            curves[task] = Path(layout.curves_plot(task))
+    numbers = {k: v for k, v in cost_total.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    page = build(
+        experiment["experiment"], experiment.get("description", ""), aggregate, summary, numbers, curves, predictions
+    )
+    out = Path(layout.table("overview.html"))
+    out.write_text(page)
+    return out

@@ -136,3 +136,16 @@ def plot_curves(task: str, curves: list[tuple[str, int, Path]], out: Path, dpi: 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
+
+
+def write_curves(layout, cells, dpi: int) -> list[Path]:
+    """One learning-curve figure per task, every model and seed that left its curves."""
+    written = []
+    for task in dict.fromkeys(c.task for c in cells):
+        curves = [(c.model, c.seed, Path(layout.cell_file("curves.csv", *c))) for c in cells if c.task == task]
+        curves = [c for c in curves if c[2].is_file()]
+        if curves:
+            out = Path(layout.curves_plot(task))
+            plot_curves(task, curves, out, dpi)
+            written.append(out)
+    return written

@@ -119,8 +119,8 @@ def _cause(err: Path) -> str:
     return "see error file"
 
 
-def write(layout: ResultsLayout, cells: list[Cell], experiment: dict) -> list[dict]:
-    """out/summary.csv and out/summary.json of `cells`."""
+def write(layout: ResultsLayout, cells: list[Cell], experiment: dict) -> dict:
+    """out/summary.csv and out/summary.json of `cells`; returns the JSON document."""
     csv_path, json_path = Path(layout.table("summary.csv")), Path(layout.table("summary.json"))
     rows = [cell_row(layout, c) for c in cells]
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,4 +138,4 @@ def write(layout: ResultsLayout, cells: list[Cell], experiment: dict) -> list[di
         "rows": rows,
     }
     json_path.write_text(json.dumps(document, indent=2))
-    return rows
+    return document

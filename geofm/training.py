@@ -81,10 +81,39 @@ def _seed_worker(worker_id: int, chained=None) -> None:
     _seed_augmentations(info.dataset, info.seed % 2**32)
 
 
+class DataFileError(RuntimeError):
+    """Reading one file of a dataset failed during a job; the message names the file."""
+
+
+class NamedReads(torch.utils.data.Dataset):
+    """A dataset whose read errors name the file being read (TerraTorch's say only what failed,
+    e.g. 'truncated file: eof = 5000'). validate_data checked every file before the run, so
+    this catches a file that changed under the run or a failure its checks cannot see."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.files = splits.dataset_files(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except Exception as e:
+            name = self.files[index] if self.files and index < len(self.files) else f"item {index} of the dataset"
+            said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataFileError(
+                f"{name}: {type(e).__name__}: {said}; fix: re-download it (it passed validate_data before the run: "
+                "it changed since, or the failure is one the checks cannot see)"
+            ) from e
+
+
 def _tune_loaders(datamodule, rt: dict) -> None:
     """Re-create each stage's loader with the same dataset, sampler and collate, adding what not
-    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor) and
-    seeded augmentations, so that a cell re-run gives the same model."""
+    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor),
+    seeded augmentations, so that a cell re-run gives the same model, and read errors that name
+    the file."""
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -96,7 +125,7 @@ def _tune_loaders(datamodule, rt: dict) -> None:
             if workers == 0:
                 _seed_augmentations(dl.dataset, int(torch.randint(2**31, ()).item()))
             return DataLoader(
-                dl.dataset,
+                NamedReads(dl.dataset),
                 batch_size=dl.batch_size,
                 sampler=dl.sampler,
                 num_workers=workers,
@@ -191,13 +220,16 @@ def _csv_log(trainer, run_dir: Path) -> Path:
 
 
 def finetune(config: Path, run_dir: Path, job: dict, threads: int, out: dict) -> None:
-    """Fit; keep the checkpoint picked on the selection split; write curves and resources."""
-    for stale in ("checkpoints", "logs"):
+    """Check the splits (a leak is refused) and, with `job["preflight"]`, one batch of every stage
+    (a broken cell fails in minutes); then fit, keep the checkpoint picked on the selection split,
+    write curves and resources."""
+    for stale in ("checkpoints", "logs", "preflight"):
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     rt = runtime_settings(job["trainer"], threads)
     with Monitor() as monitor:
         cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.usage.Throughput"])
         facts = _measured_splits(cli, config, job)
+        checked = _dev_run(cli, job, rt, run_dir) if job.get("preflight") else None
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     callback = _selection_callback(cli.trainer)
     if callback is None or not callback.best_model_path:
@@ -221,17 +253,17 @@ def finetune(config: Path, run_dir: Path, job: dict, threads: int, out: dict) ->
             "best_checkpoint": Path(callback.best_model_path).name,
         },
         splits=facts,
+        preflight=checked,
     )
     Path(out["resources"]).write_text(json.dumps(report, indent=2))
 
 
-def _predict(cli, task: str, max_batches: int | None = None):
+def _predict(trainer, dm, model, task: str, max_batches: int | None = None):
     """Inference over the test loader with the datamodule's normalisation applied.
 
     TerraTorch's `predict` writer cannot handle datamodules whose samples carry no file name
     (several of TerraTorch's dataset-specific ones), so predictions are collected here.
     """
-    trainer, dm, model = cli.trainer, cli.datamodule, cli.model
     dm.setup("test")
     device = trainer.strategy.root_device
     model.to(device).eval()
@@ -269,7 +301,7 @@ def evaluate(config: Path, checkpoint: Path, job: dict, threads: int, out: dict)
         cli = build_cli(config, rt)
         facts = _measured_splits(cli, config, job)
         logged = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint))
-        pinned, preds, targets, files = _predict(cli, job["task"])
+        pinned, preds, targets, files = _predict(cli.trainer, cli.datamodule, cli.model, job["task"])
     np.savez_compressed(out["predictions"], pred=preds, target=targets, files=np.array(files))
     metrics = {
         "pinned": pinned,
@@ -282,21 +314,55 @@ def evaluate(config: Path, checkpoint: Path, job: dict, threads: int, out: dict)
     Path(out["resources"]).write_text(json.dumps(report, indent=2))
 
 
+class PreflightFailed(RuntimeError):
+    """A stage failed on its first batch: the cell is broken, found before any training."""
+
+
+def _dev_run(cli, job: dict, rt: dict, run_dir: Path) -> dict:
+    """One batch each of training, validation, test and prediction with a throw-away trainer
+    (Lightning's fast_dev_run), so that a broken cell fails in minutes. The model's weights and
+    the random state are put back afterwards: a cell trains the same with or without it."""
+    import random
+
+    import lightning.pytorch as pl
+
+    model, dm = cli.model, cli.datamodule
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    trainer = pl.Trainer(
+        accelerator=job["trainer"]["accelerator"], devices=job["trainer"]["devices"], precision=rt["precision"],
+        fast_dev_run=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(run_dir / "preflight"),
+    )  # fmt: skip
+    stage = "fit"
+    try:
+        trainer.fit(model, datamodule=dm)
+        stage = "test"
+        trainer.test(model, datamodule=dm)
+        stage = "predict"
+        _, preds, _, _ = _predict(trainer, dm, model, job["task"], max_batches=1)
+        if not len(preds):
+            raise RuntimeError("the test split yielded no batch")
+    except Exception as e:
+        said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PreflightFailed(f"{stage} stage, first batch: {type(e).__name__}: {said}") from e
+    finally:
+        model.load_state_dict(weights)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return {"stages": ["fit", "validate", "test", "predict"], "predicted": int(len(preds))}
+
+
 def preflight(config: Path, run_dir: Path, job: dict, threads: int, out: Path) -> None:
-    """The splits checked, then one batch each of training, validation, test and prediction
-    (Lightning's fast_dev_run)."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
+    """The checks a fine-tune starts with, on their own: the splits measured, then one batch of
+    every stage."""
     rt = runtime_settings(job["trainer"], threads)
     with Monitor() as monitor:
-        cli = build_cli(config, rt, ["--trainer.fast_dev_run=1", f"--trainer.default_root_dir={run_dir}"])
+        cli = build_cli(config, rt)
         facts = _measured_splits(cli, config, job)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        cli.trainer.test(cli.model, datamodule=cli.datamodule)
-        pinned, preds, _, _ = _predict(cli, job["task"], max_batches=1)
-    if not len(preds):
-        raise RuntimeError("the test split yielded no batch")
-    report = monitor.report(
-        runtime=rt, stages=["fit", "validate", "test", "predict"], predicted=int(len(preds)), splits=facts
-    )
-    out.write_text(json.dumps(report, indent=2))
+        checked = _dev_run(cli, job, rt, run_dir)
+    out.write_text(json.dumps(monitor.report(runtime=rt, splits=facts, **checked), indent=2))

@@ -1,10 +1,11 @@
-# Datasets: generated sample data, selection hold-outs, trivial baselines, weights.
+# Datasets: generated sample data, their validation and manifest, selection hold-outs, trivial
+# baselines, weights.
 
 
 rule sample_data:
     """Small synthetic dataset in the real dataset's on-disk format (tasks.<task>.data_root unset)."""
     output:
-        directory(f"{EXP['sample_data']['root']}/{{task}}"),
+        directory(SAMPLE_DIR),
     log:
         L.log("sample_data", "{task}"),
     priority: PRIORITY_UNBLOCKS
@@ -14,6 +15,48 @@ rule sample_data:
         seed=EXP["sample_data"]["seed"],
     script:
         "../scripts/sample_data.py"
+
+
+rule fetch_data:
+    """The published dataset (tasks.<task>.download), downloaded on the login node, verified against
+    its checksums and unpacked into the task's layout (geofm/download.py)."""
+    output:
+        directory(f"{CACHE}/datasets/{{task}}"),
+    log:
+        L.log("fetch_data", "{task}"),
+    priority: PRIORITY_UNBLOCKS
+    conda:
+        "../envs/geofm.yaml"
+    params:
+        downloads=EXP["downloads"],
+        cache=CACHE,
+    script:
+        "../scripts/fetch_data.py"
+
+
+rule validate_data:
+    """Every file of a dataset checked against its task's format and hashed, in one read; a bad
+    file stops the task's cells before any GPU time, named in one line (geofm/datacheck.py).
+    Then the trivial baseline's score (majority class / training mean) on the reported split."""
+    input:
+        task_data,
+        splits=lambda w: holdout_lists(w, "train"),
+    output:
+        manifest=L.dataset_manifest(),
+        baseline=L.baseline(),
+    log:
+        L.log("validate_data", "{task}"),
+    priority: PRIORITY_UNBLOCKS
+    conda:
+        "../envs/geofm.yaml"
+    threads: 2
+    params:
+        data_root=lambda w: EXP["tasks"][w.task]["data_root"],
+        fingerprint=dataset_fingerprint,
+        err=lambda w: [L.err_file(*c) for c in CELLS if c.task == w.task],
+        cell="{task} (dataset)",
+    script:
+        "../scripts/validate_data.py"
 
 
 rule selection_split:
@@ -38,34 +81,19 @@ rule selection_split:
 
 
 rule fetch_weights:
-    """Download pretrained backbone weights on the login node; compute jobs run offline."""
+    """Download pretrained backbone weights on the login node, verified (sha256) and cached by hub id,
+    file and revision; compute jobs run offline."""
     output:
-        f"{CACHE}/weights/{{model}}/backbone.pt",
+        f"{CACHE}/weights/{{weights}}/backbone.pt",
     log:
-        L.log("fetch_weights", "{model}"),
+        L.log("fetch_weights", "{weights}"),
     priority: PRIORITY_UNBLOCKS
     retries: 2
     conda:
         "../envs/geofm.yaml"
     params:
-        model=lambda w: EXP["models"][w.model],
-        cache=f"{CACHE}/huggingface",
+        model=lambda w: next(m for name, m in EXP["models"].items() if weights_key(name) == w.weights),
+        downloads=EXP["downloads"],
+        cache=CACHE,
     script:
         "../scripts/fetch_weights.py"
-
-
-rule baseline:
-    """Score of a model that ignores its input (majority class / training mean)."""
-    input:
-        task_data,
-        splits=lambda w: holdout_lists(w, "train"),
-    output:
-        L.baseline(),
-    log:
-        L.log("baseline", "{task}"),
-    conda:
-        "../envs/geofm.yaml"
-    params:
-        data_root=lambda w: EXP["tasks"][w.task]["data_root"],
-    script:
-        "../scripts/baseline.py"

@@ -1,4 +1,5 @@
-# Per cell: render the TerraTorch config, preflight it, fine-tune.
+# Per cell: render the TerraTorch config, fine-tune (after its splits and one batch of every stage
+# are checked).
 
 
 rule render_config:
@@ -21,40 +22,13 @@ rule render_config:
         "../scripts/render_config.py"
 
 
-rule preflight:
-    """One batch of training, validation, test and prediction, so a broken cell fails in minutes."""
-    input:
-        config=first_seed_config,
-        data=task_data,
-    output:
-        L.preflight(),
-    log:
-        L.log("preflight", "{task}_{model}"),
-    benchmark:
-        L.benchmark("preflight", "{task}_{model}")
-    priority: PRIORITY_UNBLOCKS
-    conda:
-        "../envs/geofm.yaml"
-    threads: 1
-    resources:
-        mem_mb=lambda w, attempt: 8000 * attempt,
-        runtime=lambda w, attempt: 20 * attempt,
-        gpu=1,
-    params:
-        job=job,
-        run_dir=f"{L.scratch}/{{task}}/{{model}}/preflight",
-        err=lambda w: [L.err_file(w.task, w.model, seed) for seed in EXP["seeds"]],
-        cell="{task}/{model} (preflight)",
-    script:
-        "../scripts/preflight.py"
-
-
 rule finetune:
-    """Fine-tune with TerraTorch; the checkpoint is picked on the selection split."""
+    """Fine-tune with TerraTorch after checking the splits (a leak is refused) and one batch of
+    every stage (preflight: a broken cell fails in minutes); the checkpoint is picked on the
+    selection split."""
     input:
         config=L.cell_file("config.yaml"),
         data=task_data,
-        preflight=preflight_done,
     output:
         checkpoint=L.checkpoint(),
         curves=L.cell_file("curves.csv"),

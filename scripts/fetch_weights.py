@@ -1,29 +1,37 @@
-"""Rule fetch_weights: download pretrained backbone weights on the login node.
+"""Rule fetch_weights: download pretrained backbone weights on the login node, verified.
 
-Compute nodes often have no internet; jobs read the file this rule leaves in the cache.
+Compute nodes often have no internet; jobs read the file this rule leaves in the cache. The file
+is cached by hub id, file name and revision, and checked against its sha256 (models.<m>.hub_sha256,
+else the one pinned by an earlier download, else, with downloads.trust_published, the hub's own).
 """
 
 import os
 import shutil
 from pathlib import Path
 
-from geofm import evidence
+from geofm import download, evidence
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
 with evidence.captured(sm.log[0]):
-    from huggingface_hub import hf_hub_download
-
-    from geofm import backbones
-
-    model = sm.params.model
-    default_repo, default_file = backbones.hub_file(backbones.snapshot(Path(sm.params.cache).parent), model["backbone"])
-    repo = model["hub_id"] or default_repo
-    filename = model["hub_filename"] or default_file
-    if not repo or not filename:
-        raise RuntimeError(
-            f"no weights to download for {model['backbone']}: set hub_id and hub_filename, or weights: <local file>"
-        )
-    os.environ.pop("HF_HUB_OFFLINE", None)
-    path = hf_hub_download(repo_id=repo, filename=filename, cache_dir=sm.params.cache)
-    shutil.copyfile(path, sm.output[0])
-    print(f"downloaded {repo}/{filename} -> {sm.output[0]}")
+    model, settings, cache = sm.params.model, sm.params.downloads, Path(sm.params.cache)
+    got = download.fetch_weights(
+        model["hub_id"],
+        model["hub_filename"],
+        cache / "weights" / "hub",
+        endpoint=os.environ.get("HF_ENDPOINT") or settings["hf_endpoint"],
+        revision=model["hub_revision"],
+        sha256=model["hub_sha256"],
+        trust_published=settings["trust_published"],
+        pins=cache / "weights" / "hub" / "pins.json",
+        timeout=tuple(settings["timeout"]),
+        attempts=settings["attempts"],
+    )
+    out = Path(sm.output[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    try:
+        os.link(got.path, out)  # no second copy of a multi-GB checkpoint
+    except OSError:
+        shutil.copyfile(got.path, out)
+    print(f"{model['hub_id']}/{model['hub_filename']}@{model['hub_revision']} (commit {got.commit}): "
+          f"sha256 {got.sha256}, {got.verified_by} -> {out}")  # fmt: skip

@@ -1,9 +1,11 @@
-"""A cell that fails after validation passed: its err/ file, the other cells, the exit status."""
+"""A cell that fails after its data passed validation (a file changed under the run): its err/
+file names the file, the other cells go on, the run exits non-zero, a fix re-runs only that cell."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import pytest
@@ -17,12 +19,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def failed_run(tmp_path_factory, shared_cache):
     workdir = tmp_path_factory.mktemp("failed_run")
-    # Landslide data at a "real" path: it passes the layout check before the run...
+    # Landslide data at a "real" path: it passes the layout check and validate_data...
     data = workdir / "landslide_data"
     sample_data.write("landslide", data, seed=0)
     victim = sorted((data / "images" / "test").glob("image_*.h5"))[-1]
     good = victim.read_bytes()
-    victim.write_bytes(good[:100])  # ...then one test chip is corrupt, as after a bad copy.
     quick = {"max_epochs": 1, "batch_size": 4}
     config = write_config(
         workdir / "config.yaml",
@@ -36,6 +37,13 @@ def failed_run(tmp_path_factory, shared_cache):
             "biomass": {"overrides": quick},
         },
     )
+    checked = run_snakemake(workdir, "--cores", "1", "results/broken/out/datasets/landslide.json", configfile=config)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    # ...then one test chip is damaged under the run, same size and time (a failing disk, a
+    # half-finished copy), so nothing tells the workflow it changed.
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * 1024 + good[1024:])
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     result = run_snakemake(workdir, "--cores", "2", configfile=config, timeout=900)
     return workdir, result, victim, good, config
 
@@ -46,13 +54,14 @@ def test_run_exits_non_zero(failed_run):
 
 
 def test_err_file_names_cause_log_and_tail(failed_run):
-    workdir, *_ = failed_run
+    workdir, _, victim, *_ = failed_run
     err = workdir / "results" / "broken" / "err" / "landslide_tiny_seed0.err"
     text = err.read_text()
     assert "stage: evaluate" in text
     assert "cell: landslide/tiny/seed0" in text
     cause = next(line for line in text.splitlines() if line.startswith("cause: "))
-    assert "OSError" in cause or "h5py" in cause.lower() or "truncated" in cause.lower()
+    assert cause.startswith("cause: DataFileError: ") and str(victim) in cause, cause  # the file is named
+    assert "OSError" in cause and "fix: re-download it" in cause
     log = next(line for line in text.splitlines() if line.startswith("log: "))[5:]
     assert (workdir / log).is_file() or (workdir.joinpath(log)).exists()
     assert "--- traceback ---" in text and "--- last 40 lines of" in text
@@ -90,7 +99,7 @@ def test_fixing_the_data_reruns_only_that_cell(failed_run):
     assert job_counts(plan.stdout) == {
         "evaluate": 1,
         "plot_predictions": 1,
-        "dataset_manifest": 1,  # the landslide data changed: re-hashed
+        "validate_data": 1,  # the landslide data changed: checked and re-hashed
         "summary": 1,
         "aggregate": 1,
         "cost_ledger": 1,

@@ -41,3 +41,12 @@ def test_every_config_key_has_a_description_and_a_default():
             walk(sub, f"{path}{key}.", need_default and key not in ("overrides",))
 
     walk(schema, "", True)
+
+
+def test_configuration_guide_is_generated_from_the_schema():
+    """config/README.md (the workflow catalog's configuration page) says what the schema says."""
+    from geofm import config
+
+    assert (REPO / "config" / "README.md").read_text() == config.describe(), (
+        "config/README.md is out of date; fix: .venv/bin/python -m geofm.config > config/README.md"
+    )

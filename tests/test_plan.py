@@ -25,7 +25,7 @@ def test_grid_2_models_2_seeds_3_tasks(tmp_path, shared_cache):
         "evaluate": cells,
         "plot_predictions": cells,
         "learning_curves": 3,
-        "dataset_manifest": 3,
+        "validate_data": 3,
         "summary": 1,
         "aggregate": 1,
         "cost_ledger": 1,

@@ -139,7 +139,7 @@ def test_summary_rows_complete(results):
 def test_every_rule_logged_and_heavy_rules_benchmarked(results):
     logs = results / "logs"
     rules = ("sample_data", "render_config", "preflight", "finetune", "evaluate", "plot_predictions", "baseline")
-    rules += ("learning_curves", "dataset_manifest")
+    rules += ("learning_curves", "validate_data")
     for rule in rules:
         assert any((logs / rule).iterdir()), rule
     for rule in ("preflight", "finetune", "evaluate"):

@@ -47,7 +47,9 @@ class FileFormat:
     shape: tuple[int, int]  # height, width
     key: str = ""  # h5: the dataset inside the file
     channels_last: bool = False  # h5: height x width x bands
-    georeferenced: bool = False  # tif: has a CRS and pixel size, the same within the dataset
+    georeferenced: bool = False  # tif: has a CRS and a pixel size, the same pixel size across the dataset
+    same_crs: bool = True  # georeferenced: one CRS across the dataset (False: e.g. UTM zones per tile)
+    unused_bands: tuple[int, ...] = ()  # 1-based bands the task does not read (placeholders): not checked
     nodata: float | None = None  # tif: the nodata value the file must declare (None: none)
     values: tuple[float, ...] | None = None  # labels: the only values allowed
     minimum: float | None = None  # labels: values below this are an error, except `values`

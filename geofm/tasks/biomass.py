@@ -133,7 +133,15 @@ TASK = Biomass(
     units="Mg/ha",
     selection_metric="val/RMSE",
     selection_mode="min",
-    image_format=FileFormat("tif", bands=11, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, nodata=-9999),
+    image_format=FileFormat(
+        "tif",
+        bands=11,
+        dtype="float32",
+        shape=(SIZE, SIZE),
+        georeferenced=True,
+        nodata=-9999,
+        unused_bands=(1, 8, 9, 10, 11),  # B01 and the non-HLS placeholders: the recipe reads bands 2-7
+    ),  # fmt: skip
     label_format=FileFormat(
         "tif", bands=1, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, nodata=-1, values=(-1,), minimum=0
     ),

@@ -149,7 +149,7 @@ TASK = BurnScars(
     positive_class=1,
     positive_name="burned",
     selection_metric="val/mIoU",
-    image_format=FileFormat("tif", bands=6, dtype="float32", shape=(SIZE, SIZE), georeferenced=True),
+    image_format=FileFormat("tif", bands=6, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, same_crs=False),
     label_format=FileFormat("tif", bands=1, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, values=(-1, 0, 1)),
     split_labels={"training": "official training chips", "validation": VALIDATION_AS_TEST},
     default_enabled=False,  # the default experiment keeps its three tasks and its run time
