@@ -26,7 +26,7 @@ import pytest
 import services as sv
 import yaml
 
-from geofm import caches, names, versioning
+from geofm import names, versioning
 from geofm.cli import submit as submit_cli
 from geofm.cli import wait as wait_cli
 from geofm.config import SAFE_NAME
@@ -532,15 +532,11 @@ def test_2_run_as_another_user_the_run_cannot_write_the_watchers_clone_or_venv(t
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_9_shared_caches_are_keyed_by_their_parameters_and_scratch_is_the_operators():
-    tiny = {"backbone": "prithvi_eo_v2_300", "hub_id": "ibm/Prithvi", "hub_filename": "a.pt"}
-    paths = {caches.weights_file("c", m) for m in (tiny, {**tiny, "hub_filename": "b.pt"},
-             {**tiny, "hub_revision": "v2"}, {**tiny, "hub_id": "other/Prithvi"}, {**tiny, "hub_id": None})}  # fmt: skip
-    assert len(paths) == 5 and all(p.startswith("c/weights/") and p.endswith("/backbone.pt") for p in paths)
-    assert caches.weights_file("c", tiny) == caches.weights_file("c", dict(tiny))
-    assert len({caches.sample_data_dir("r", "crop", s, v) for s in (0, 1) for v in (1, 2)}) == 4
-    assert path_problem({"scratch_dir": "/scratch/mine"})  # absolute scratch only from the operator
-    assert path_problem({"scratch_dir": "scratch"}) is None
+def test_9_absolute_scratch_and_caches_only_from_the_operator():
+    for key in ("scratch_dir", "cache_dir", "results_dir"):
+        assert path_problem({key: "/scratch/mine"}), key  # the operator's --scratch-root / --cache-root
+        assert path_problem({key: "relative/folder"}) is None, key
+    assert path_problem({"sample_data": {"root": "/shared/samples"}})
 
 
 # publish checks (1, 4), DVC without the checkout's config (2) ------------------------------------------
