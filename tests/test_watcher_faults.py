@@ -181,7 +181,7 @@ def test_a_run_publishes_its_results_and_leaks_no_credential(faults):
 
 def test_git_outage_at_checkout_requeues_sigterm_included_and_the_run_happens_once(faults):
     prefix = "t/git-checkout"
-    commit, text = faults.commit(experiment("gitout"))
+    commit, text = faults.commit(experiment("gitout", description="nodvc"))
     sid = faults.submit(prefix, commit, text)
     w = faults.watcher("A", prefix, **{"max-backoff": 2})
     rename(faults.bare, away=True)
@@ -238,7 +238,7 @@ def test_git_outage_at_push_keeps_the_results_and_pushes_them_later(faults):
 
 def test_s3_outage_mid_run_is_waited_out(faults):
     prefix = "t/s3-out"
-    commit, text = faults.commit(experiment("s3out", description="sleep=12"))
+    commit, text = faults.commit(experiment("s3out", description="nodvc sleep=12"))
     sid = faults.submit(prefix, commit, text)
     w = faults.watcher("A", prefix, **{"lease-ttl": 180}).start()
     sv.wait_for(lambda: (s := faults.status(prefix, sid)) and s.get("snakemake_started_at"), 120, what="the run")
@@ -273,7 +273,7 @@ def test_sigkill_during_versioning_resumes_and_publishes_once(faults):
 
 def test_a_holder_that_cannot_renew_fences_itself_and_the_new_holder_runs_it_once(faults):
     prefix = "t/takeover"
-    commit, text = faults.commit(experiment("takeover", description="sleep=10"))
+    commit, text = faults.commit(experiment("takeover", description="nodvc sleep=10"))
     sid = faults.submit(prefix, commit, text)
     relay = sv.Relay(faults.s3.ports["s3.port"])
     ttl = {"lease-ttl": 6, "max-backoff": 2}
@@ -299,7 +299,7 @@ def test_a_holder_that_cannot_renew_fences_itself_and_the_new_holder_runs_it_onc
 def test_malformed_and_oversized_objects_are_quarantined_and_the_queue_goes_on(faults):
     prefix = "t/malformed"
     store = faults.store(prefix)
-    commit, text = faults.commit(experiment("queue"))
+    commit, text = faults.commit(experiment("queue", description="nodvc"))
     expired = faults.jwks.mint(commit, FAST, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200)
     broken = {}
     for name in ("lease-list", "lease-text", "lease-fields", "lease-huge", "status-list", "status-fields"):
@@ -345,9 +345,9 @@ def test_malformed_and_oversized_objects_are_quarantined_and_the_queue_goes_on(f
 
 def test_deadline_stops_the_run(faults):
     prefix = "t/deadline"
-    commit, text = faults.commit(experiment("late", description="sleep=300"))
+    commit, text = faults.commit(experiment("late", description="nodvc sleep=300"))
     sid = faults.submit(prefix, commit, text)
-    w = faults.watcher("A", prefix, deadline=15, **{"stop-timeout": 5}).start()
+    w = faults.watcher("A", prefix, deadline=10, **{"stop-timeout": 5}).start()
     status = faults.wait_state(prefix, sid, timeout=120)
     w.stop()
     assert status["state"] == "failed" and "deadline" in status["message"], status
@@ -357,7 +357,7 @@ def test_deadline_stops_the_run(faults):
 
 def test_a_cancelled_wait_job_stops_the_run(faults):
     prefix = "t/cancel"
-    commit, text = faults.commit(experiment("cancelled", description="sleep=300"))
+    commit, text = faults.commit(experiment("cancelled", description="nodvc sleep=300"))
     sid = faults.submit(prefix, commit, text)
     w = faults.watcher("A", prefix, **{"stop-timeout": 5}).start()
     env = {**sv.BASE_ENV, **faults.keys.ci, "PYTHONPATH": str(sv.REPO), "S3_BUCKET": faults.s3.bucket,
