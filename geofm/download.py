@@ -565,3 +565,8 @@ def _unzip(archive: Path, remote: Remote, root: Path, top: Path) -> int:
                 shutil.copyfileobj(src, dst, CHUNK)
             count += 1
     return count
+
+
+def weights_key(hub_id: str, filename: str, revision: str) -> str:
+    """A cache folder name made of what identifies a weights file: hub id, file name and revision."""
+    return "--".join(str(part).replace("/", "--") for part in (hub_id, filename, revision))

@@ -53,7 +53,8 @@ def scheduler_log() -> str | None:
 
 
 def _slurm_log(job_id: str) -> str | None:
-    found = sorted(SLURM_LOGS.glob(f"rule_*/**/{job_id}.log"))
+    array = f"{os.environ.get('SLURM_ARRAY_JOB_ID')}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    found = sorted(SLURM_LOGS.glob(f"rule_*/**/{job_id}.log")) + sorted(SLURM_LOGS.glob(f"rule_*/{array}.log"))
     if found:
         return str(found[0].resolve())
     said = _ask("scontrol", "show", "job", "-o", job_id)
@@ -170,12 +171,19 @@ def run_started(snakemake_log: str | Path | None) -> float:
 
 
 def scheduler_logs(rule: str, wildcards: dict, since: float = 0.0) -> list[Path]:
-    """A job's scheduler logs (SLURM or LSF plugin layout) written since `since`, newest last."""
+    """A job's scheduler logs (SLURM or LSF plugin layout) written since `since`, newest last.
+
+    A job submitted alone logs to rule_<rule>/<wildcards>/<jobid>.log; a task of a SLURM job
+    array to rule_<rule>/<arrayjob>_<task>.log, found by the wildcards Snakemake prints in it."""
     folders = [
         SLURM_LOGS / f"rule_{rule}" / "_".join(str(v) for v in wildcards.values()),
         LSF_LOGS / f"rule_{rule}" / "..".join(f"{k}={v}" for k, v in wildcards.items()),
     ]
     logs = [log for folder in folders for log in folder.glob("*.log") if log.stat().st_mtime >= since]
+    said = "wildcards: " + ", ".join(f"{k}={v}" for k, v in wildcards.items())
+    for log in (SLURM_LOGS / f"rule_{rule}").glob("*_*.log"):
+        if log.stat().st_mtime >= since and said in tail(log, 400):
+            logs.append(log)
     return sorted(logs, key=lambda log: log.stat().st_mtime)
 
 
@@ -192,7 +200,7 @@ def write_killed(
     log = logs[-1]
     text, job = tail(log, 200), f"LSF job, log {log.name}"
     state = ""
-    if SLURM_LOGS in log.parents and log.stem.isdigit():
+    if SLURM_LOGS in log.parents and log.stem.replace("_", "").isdigit():
         job = f"SLURM job {log.stem}"
         said = _ask("squeue", "-h", "-t", "all", "-j", log.stem, "-o", "%T")
         said = said or _ask("sacct", "-X", "-n", "-P", "-j", log.stem, "-o", "State")

@@ -14,6 +14,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from geofm import lockfile
+
 PACKAGES = [
     "terratorch", "torch", "torchvision", "lightning", "torchgeo", "torchmetrics", "timm",
     "snakemake", "snakemake-executor-plugin-slurm", "snakemake-executor-plugin-lsf", "dvc", "numpy", "rasterio", "h5py",
@@ -122,5 +124,6 @@ def write(layout, cells, tasks: list[str], provenance: dict) -> dict:
         resources=[Path(f) for f in files if Path(f).is_file()],
         weights=provenance["weights"],
     )
+    document["lock"] = lockfile.lock_status()  # the lock's hash, and packages that differ from it
     Path(layout.table("manifest.json")).write_text(json.dumps(document, indent=2))
     return document

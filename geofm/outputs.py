@@ -15,6 +15,6 @@ def write_all(layout: ResultsLayout, cells, settings: dict) -> dict:
     aggregate = tables.write_aggregate(layout, cells, settings["bootstrap"], settings["references"])
     total = tables.write_cost(layout, document["rows"])
     plots.write_curves(layout, cells, settings["dpi"])
-    manifest.write(layout, cells, settings["tasks"], settings["provenance"])
-    overview.write(layout, settings["experiment"], cells, aggregate, document, total)
+    provenance = manifest.write(layout, cells, settings["tasks"], settings["provenance"])
+    overview.write(layout, settings["experiment"], cells, aggregate, document, total, provenance["lock"])
     return document

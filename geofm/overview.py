@@ -118,7 +118,7 @@ def build(
     return "\n".join(parts)
 
 
-def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, cost_total: dict) -> Path:
+def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, cost_total: dict, lock: dict) -> Path:
     """out/overview.html: the front page, with one prediction plot per task (the first model's
     first seed that has one) and each task's learning curves."""
     predictions, curves = {}, {}
@@ -134,6 +134,13 @@ def write(layout, experiment: dict, cells, aggregate: dict, summary: dict, cost_
     page = build(
         experiment["experiment"], experiment.get("description", ""), aggregate, summary, numbers, curves, predictions
     )
+    if lock.get("drift"):  # the run's software is not what uv.lock says: say so at the top
+        drifted = ", ".join(f"{d['name']} {d['installed']} (locked {d['locked']})" for d in lock["drift"])
+        warning = (
+            f'<p style="color:#b00"><b>Software differs from uv.lock</b>: {html.escape(drifted)}. '
+            "Results may not reproduce from the lock; see manifest.json.</p>"
+        )
+        page = page.replace("<h3>Headline metrics", warning + "<h3>Headline metrics", 1)
     out = Path(layout.table("overview.html"))
     out.write_text(page)
     return out

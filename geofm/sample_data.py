@@ -20,14 +20,15 @@ from geofm.tasks import TASKS
 GENERATOR_VERSION = 1
 
 
-def write(task: str, root: Path, seed: int, counts: dict | None = None) -> None:
+def write(task: str, root: Path, seed: int, counts: dict | None = None, compressed: bool = True) -> None:
     """Write one task's sample dataset into root (replaced if it exists); `counts` changes the
-    number of chips per split (benchmarks use more)."""
+    number of chips per split and `compressed=False` writes uncompressed files, as most published
+    chips are (benchmarks use both)."""
     spec = TASKS[task]
     root = Path(root)
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    spec.write_sample(tmp, np.random.default_rng([seed, spec.stream]), counts or spec.sample_counts)
+    spec.write_sample(tmp, np.random.default_rng([seed, spec.stream]), counts or spec.sample_counts, compressed)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

@@ -320,14 +320,18 @@ class PreflightFailed(RuntimeError):
 
 def _dev_run(cli, job: dict, rt: dict, run_dir: Path) -> dict:
     """One batch each of training, validation, test and prediction with a throw-away trainer
-    (Lightning's fast_dev_run), so that a broken cell fails in minutes. The model's weights and
-    the random state are put back afterwards: a cell trains the same with or without it."""
+    (Lightning's fast_dev_run), so that a broken cell fails in minutes. The model's weights, its
+    modules' train/eval modes and the random state are put back afterwards: a cell trains the
+    same with or without it (tests/test_workflow.py checks this)."""
     import random
 
     import lightning.pytorch as pl
 
     model, dm = cli.model, cli.datamodule
     weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # Lightning keeps each submodule's train/eval mode through fit: the prediction pass below
+    # leaves them in eval mode (no dropout, frozen batch-norm statistics) unless they are put back.
+    modes = {module: module.training for module in model.modules()}
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     trainer = pl.Trainer(
@@ -349,6 +353,8 @@ def _dev_run(cli, job: dict, rt: dict, run_dir: Path) -> dict:
         raise PreflightFailed(f"{stage} stage, first batch: {type(e).__name__}: {said}") from e
     finally:
         model.load_state_dict(weights)
+        for module, training in modes.items():
+            module.train(training)
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])

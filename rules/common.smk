@@ -3,7 +3,7 @@ import os
 import sys
 
 from geofm import config as experiment_config
-from geofm import manifest, sample_data
+from geofm import download, manifest, sample_data
 from geofm.layout import ResultsLayout
 from geofm.tasks import TASKS
 
@@ -41,8 +41,12 @@ wildcard_constraints:
 
 
 def settings(wildcards):
-    """Everything that defines one cell: rendered into its config (the rerun trigger)."""
-    return experiment_config.cell_settings(EXP, wildcards.task, wildcards.model, int(wildcards.seed))
+    """Everything that defines one cell, paths included: rendered into its config (the rerun
+    trigger of everything downstream)."""
+    cell = experiment_config.cell_settings(EXP, wildcards.task, wildcards.model, int(wildcards.seed))
+    cell["splits_dir"] = L.splits_dir(wildcards.task)
+    cell["weights_file"] = weights_file(wildcards.model) if needs_download(wildcards.model) else None
+    return cell
 
 
 def task_data(wildcards):
@@ -89,9 +93,9 @@ def needs_download(model):
 
 
 def weights_key(model):
-    """A cache folder name made of what identifies the file: hub id, file name and revision."""
+    """The weights cache is keyed by what identifies the file: hub id, file name and revision."""
     m = EXP["models"][model]
-    return "--".join(str(part).replace("/", "--") for part in (m["hub_id"], m["hub_filename"], m["hub_revision"]))
+    return download.weights_key(m["hub_id"], m["hub_filename"], m["hub_revision"])
 
 
 def weights_file(model):

@@ -29,7 +29,7 @@ rule fetch_data:
         "../envs/geofm.yaml"
     params:
         downloads=EXP["downloads"],
-        cache=CACHE,
+        cache=f"{CACHE}/downloads",
     script:
         "../scripts/fetch_data.py"
 
@@ -94,6 +94,6 @@ rule fetch_weights:
     params:
         model=lambda w: next(m for name, m in EXP["models"].items() if weights_key(name) == w.weights),
         downloads=EXP["downloads"],
-        cache=CACHE,
+        cache=f"{CACHE}/weights/hub",
     script:
         "../scripts/fetch_weights.py"

@@ -6,7 +6,6 @@ rule evaluate:
     input:
         config=L.cell_file("config.yaml"),
         checkpoint=L.checkpoint(),
-        data=task_data,
     output:
         metrics=L.cell_file("metrics.json"),
         resources=L.cell_file("evaluate.json"),
@@ -35,7 +34,6 @@ rule plot_predictions:
     """Input, ground truth and prediction (and error map for regression) for seeded test chips."""
     input:
         predictions=L.prediction_arrays(),
-        data=task_data,
     output:
         report(
             directory(L.predictions_dir()),
@@ -51,7 +49,7 @@ rule plot_predictions:
         "../envs/geofm.yaml"
     params:
         task="{task}",
-        title=lambda w: f"{w.task} | {w.model} | seed {w.seed}",
+        title="{task} | {model} | seed {seed}",
         plots=EXP["predictions"],
     script:
         "../scripts/plot_predictions.py"

@@ -22,6 +22,7 @@ rule summarize:
         baselines=[L.baseline(task) for task in EXP["enabled_tasks"]],
         datasets=[L.dataset_manifest(task) for task in EXP["enabled_tasks"]],
         predictions=cell_files(L.predictions_dir),
+        lock=f"{workflow.basedir}/uv.lock",  # the manifest records its hash and any drift from it
     output:
         summary=report(
             L.table("summary.csv"), category="1. Results", subcategory="Per cell", caption="../report/summary.rst"

@@ -15,9 +15,7 @@ rule render_config:
         "../envs/geofm.yaml"
     params:
         settings=settings,
-        splits_dir=lambda w: L.splits_dir(w.task),
         run_dir=L.cell_scratch(),
-        weights=lambda w: weights_file(w.model) if needs_download(w.model) else None,
     script:
         "../scripts/render_config.py"
 
@@ -28,7 +26,6 @@ rule finetune:
     selection split."""
     input:
         config=L.cell_file("config.yaml"),
-        data=task_data,
     output:
         checkpoint=L.checkpoint(),
         curves=L.cell_file("curves.csv"),

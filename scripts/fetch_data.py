@@ -15,7 +15,7 @@ with evidence.captured(sm.log[0]):
     settings = sm.params.downloads
     listed = settings["lists"].get(task.name) or download.task_list(task.name)
     default_base, entries = download.read_list(listed)
-    cache = Path(sm.params.cache) / "downloads" / task.name
+    cache = Path(sm.params.cache) / task.name
     download.fetch(
         entries,
         settings["base_urls"].get(task.name) or default_base,

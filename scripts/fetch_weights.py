@@ -17,12 +17,12 @@ with evidence.captured(sm.log[0]):
     got = download.fetch_weights(
         model["hub_id"],
         model["hub_filename"],
-        cache / "weights" / "hub",
+        cache,
         endpoint=os.environ.get("HF_ENDPOINT") or settings["hf_endpoint"],
         revision=model["hub_revision"],
         sha256=model["hub_sha256"],
         trust_published=settings["trust_published"],
-        pins=cache / "weights" / "hub" / "pins.json",
+        pins=cache / "pins.json",
         timeout=tuple(settings["timeout"]),
         attempts=settings["attempts"],
     )

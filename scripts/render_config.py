@@ -10,8 +10,8 @@ with evidence.captured(sm.log[0]):
     paths = {
         "data_root": str(Path(settings["data_root"]).resolve()),
         "run_dir": str(Path(sm.params.run_dir).resolve()),
-        "splits_dir": str(Path(sm.params.splits_dir).resolve()),
-        "ckpt_path": settings["weights"] or sm.params.weights,
+        "splits_dir": str(Path(settings["splits_dir"]).resolve()),
+        "ckpt_path": settings["weights"] or settings["weights_file"],
     }
     if paths["ckpt_path"]:
         paths["ckpt_path"] = str(Path(paths["ckpt_path"]).resolve())

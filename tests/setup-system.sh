@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System tools the tests need beyond .venv, installed only when missing (idempotent):
-# Debian packages (SLURM is installed by tests/cluster/slurm-up.sh itself), and npm tools
+# Debian packages (SLURM is installed by tests/cluster/slurm-up.sh itself; postgresql's own
+# service is not used: the test starts a throwaway cluster), and npm tools
 # into .tools/ (never global).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v dot >/dev/null || need+=(graphviz)
 command -v git >/dev/null || need+=(git)
+# PostgreSQL for the search's RDB-storage test (tests/postgres.py starts its own cluster).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q --no-install-recommends "${need[@]}" >/tmp/geofm-apt.log 2>&1 ||

@@ -33,7 +33,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.slurm
 
-HEAVY = ("preflight", "finetune", "evaluate")
+HEAVY = ("finetune", "evaluate")
 TASKS = ("crop", "landslide", "biomass")
 STANDIN = REPO / "tests" / "lsf-standin" / "bin"
 SLURM_SITE = {
@@ -205,7 +205,7 @@ def background(request, cluster, tmp_path_factory, shared_cache):
     needed = {name for item in mine for name in item.fixturenames if name in RUNS}
     runs: dict[str, Run] = {}
     if needed:  # take the TerraTorch registry snapshot once, not in every run at the same time
-        warm = f"from geofm import registry; backbones.snapshot({str(shared_cache)!r})"
+        warm = f"from geofm import backbones; backbones.snapshot({str(shared_cache)!r})"
         subprocess.run([str(VENV_BIN / "python"), "-c", warm], cwd=REPO, check=True, timeout=300)
     slurm = ["--profile", str(REPO / "profiles" / "slurm")]
     lsf = ["--profile", str(REPO / "profiles" / "lsf")]
@@ -240,7 +240,7 @@ def background(request, cluster, tmp_path_factory, shared_cache):
         w = tmp_path_factory.mktemp("gpu_request_run")
         config = configure(w, shared_cache, biomass_only)
         env = {**SLURM_SITE, "GEOFM_SLURM_GPUS": "1", "GEOFM_SLURM_GPU_MODEL": "a100"}
-        args = [f"{cell}/preflight.json", *slurm, "--configfile", str(config)]
+        args = [f"{cell}/seed0/finetune.json", *slurm, "--configfile", str(config)]
         runs["gpu_request_run"] = Run("gpu_request_run", w, args, env, timeout=300)
     if "lsf_bad_project_run" in needed:
         w = tmp_path_factory.mktemp("lsf_bad_project")
@@ -377,7 +377,7 @@ def test_dry_run_lists_the_jobs_with_their_resources(tmp_path, shared_cache, pro
     counts = job_counts(plan.stdout)
     assert {rule: counts.get(rule) for rule in HEAVY} == {rule: 3 for rule in HEAVY}
     jobs = dry_run_jobs(plan.stdout)
-    rules_mem = {"preflight": ("8000", "20"), "finetune": ("16000", "240"), "evaluate": ("16000", "60")}
+    rules_mem = {"finetune": ("16000", "240"), "evaluate": ("16000", "60")}
     for rule in HEAVY:
         assert len(jobs[rule]) == 3
         for resources in jobs[rule]:
@@ -417,34 +417,37 @@ def test_slurm_run_succeeds(slurm_run):
     print(f"SLURM end-to-end run: {slurm_run.wall:.0f} s")
 
 
-def test_every_heavy_job_went_through_sbatch(slurm_run):
+def test_every_heavy_job_went_through_sbatch_as_arrays(slurm_run):
+    """Each heavy job ran once as a SLURM job (an array task); the fine-tunes, ready together,
+    went in one sbatch call; every other rule ran locally."""
     assert slurm_run.returncode == 0
     jobs = sacct("--name", slurm_run.slurm_run_id())
-    ran = sorted((j["rule"], j["wildcards"]) for j in jobs)
-    expected = sorted(
-        [("preflight", f"{t}_tiny") for t in TASKS]
-        + [(rule, f"{t}_tiny_0") for rule in ("finetune", "evaluate") for t in TASKS]
-    )
-    assert ran == expected, "exactly the heavy jobs, once each, ran as SLURM jobs; every other rule ran locally"
+    tasks = {rule: [j for j in jobs if j["rule"] == rule] for rule in HEAVY}
+    assert {rule: len(found) for rule, found in tasks.items()} == {"finetune": 3, "evaluate": 3}
+    assert {j["rule"] for j in jobs} == set(HEAVY), "no other rule reached the scheduler"
     assert {j["state"] for j in jobs} == {"COMPLETED"}
+    finetune_calls = {j["submit_line"] for j in tasks["finetune"]}
+    assert len(finetune_calls) == 1 and "--array=1-3" in finetune_calls.pop(), "one sbatch call for three fine-tunes"
+    calls = {j["submit_line"] for j in jobs}
+    print(f"\nsbatch calls: {len(calls)} for {len(jobs)} heavy jobs")
     for job in jobs:  # the venv's Python runs each job (sbatch exports the environment)
-        assert f"--wrap={VENV_BIN}/python -m snakemake" in job["submit_line"], job["submit_line"]
-        assert (
-            "--mem 3000" in job["submit_line"] and "-p debug" in job["submit_line"] and "-A geofm" in job["submit_line"]
-        )
+        assert f"{VENV_BIN}/python -m snakemake" in job["submit_line"], job["submit_line"]
+        assert "--mem" in job["submit_line"] and "-p debug" in job["submit_line"] and "-A geofm" in job["submit_line"]
 
 
 def test_heavy_outputs_were_written_by_those_jobs(slurm_run):
-    """Each heavy output records the job it ran in: the SLURM job that sacct lists for it."""
+    """Each heavy output records the job it ran in: a distinct SLURM job (array task) of its rule."""
     assert slurm_run.returncode == 0
-    by_rule = {(j["rule"], j["wildcards"]): j["id"] for j in sacct("--name", slurm_run.slurm_run_id())}
+    ids = {rule: set() for rule in HEAVY}
+    for job in sacct("--name", slurm_run.slurm_run_id()):
+        ids[job["rule"]].add(job["id"])
     out = slurm_run.results() / "out"
+    recorded = {rule: [] for rule in HEAVY}
     for task in TASKS:
-        pre = json.loads((out / task / "tiny" / "preflight.json").read_text())
-        assert pre["scheduler_job_id"] == by_rule[("preflight", f"{task}_tiny")]
         for rule, name in (("finetune", "finetune.json"), ("evaluate", "evaluate.json")):
-            recorded = json.loads((out / task / "tiny" / "seed0" / name).read_text())["scheduler_job_id"]
-            assert recorded == by_rule[(rule, f"{task}_tiny_0")], (task, rule)
+            recorded[rule].append(json.loads((out / task / "tiny" / "seed0" / name).read_text())["scheduler_job_id"])
+    for rule in HEAVY:
+        assert set(recorded[rule]) == ids[rule] and len(set(recorded[rule])) == 3, (rule, recorded[rule], ids[rule])
 
 
 def shape(path: Path):
@@ -505,7 +508,6 @@ def test_lsf_run_sends_every_heavy_job_through_bsub(lsf_run):
     assert finetune["req_mem"].startswith("16000M") and "--time=240" in finetune["submit_line"]
     out = lsf_run.results() / "out" / "biomass" / "tiny"
     recorded = {
-        json.loads((out / "preflight.json").read_text())["scheduler_job_id"],
         json.loads((out / "seed0" / "finetune.json").read_text())["scheduler_job_id"],
         json.loads((out / "seed0" / "evaluate.json").read_text())["scheduler_job_id"],
     }

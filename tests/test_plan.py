@@ -18,22 +18,23 @@ def test_grid_2_models_2_seeds_3_tasks(tmp_path, shared_cache):
     assert job_counts(result.stdout) == {
         "sample_data": 3,
         "selection_split": 1,
-        "baseline": 3,
+        "validate_data": 3,  # with the trivial baseline
         "render_config": cells,
-        "preflight": 2 * 3,  # one per task x model, before any of its seeds
-        "finetune": cells,
+        "finetune": cells,  # each starts with the one-batch check of every stage (preflight)
         "evaluate": cells,
         "plot_predictions": cells,
-        "learning_curves": 3,
-        "validate_data": 3,
-        "summary": 1,
-        "aggregate": 1,
-        "cost_ledger": 1,
-        "manifest": 1,
-        "overview": 1,
+        "summarize": 1,
         "all": 1,
-        "total": 3 + 1 + 3 + 4 * cells + 6 + 3 + 3 + 6,
+        "total": 3 + 1 + 3 + 4 * cells + 2,
     }
+
+
+def test_one_cell_plans_few_jobs(tmp_path, shared_cache):
+    tasks = {"crop": {"enabled": False}, "landslide": {"enabled": False}, "biomass": {}}
+    config = write_config(tmp_path / "c.yaml", tasks=tasks, cache_dir=str(shared_cache))
+    result = run_snakemake(tmp_path, "--dry-run", configfile=config)
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout)["total"] == 8  # was 16 before preflight, baseline and the tables merged
 
 
 def test_disabled_task_and_no_preflight(tmp_path, shared_cache):
@@ -46,5 +47,5 @@ def test_disabled_task_and_no_preflight(tmp_path, shared_cache):
     result = run_snakemake(tmp_path, "--dry-run", configfile=config)
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    assert "preflight" not in counts and "selection_split" not in counts
+    assert "selection_split" not in counts
     assert counts["finetune"] == 2 and counts["sample_data"] == 2

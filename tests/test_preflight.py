@@ -1,5 +1,5 @@
-"""Preflight: a cell whose test stage is broken fails in minutes, before any long fine-tune,
-with its err/ file; the other cells go on."""
+"""Preflight: a cell whose test stage is broken fails at the start of its fine-tune job (one
+batch of every stage runs first), before any training, with its err/ file; the other cells go on."""
 
 from __future__ import annotations
 
@@ -43,12 +43,15 @@ def test_broken_cell_caught_before_fine_tuning(preflight_run):
     workdir, result = preflight_run
     assert result.returncode != 0
     results = workdir / "results" / "preflight"
-    for seed in (0, 1):  # the preflight speaks for every seed of its task x model
+    for seed in (0, 1):  # each seed's fine-tune job checks its stages first
         text = (results / "err" / f"crop_tiny_seed{seed}.err").read_text()
-        assert "stage: preflight" in text
-        assert "crop" in text.lower() and ("256" in text or "CenterCrop" in text or "larger" in text.lower())
-    assert not (results / "logs" / "finetune").exists() or not list((results / "logs" / "finetune").glob("crop_*"))
-    assert not list((workdir / "scratch" / "preflight" / "crop").glob("tiny/seed*/best.ckpt"))
+        assert "stage: finetune" in text
+        cause = next(line for line in text.splitlines() if line.startswith("cause: "))
+        assert cause.startswith("cause: PreflightFailed: test stage, first batch: "), cause
+        assert "256" in text or "CenterCrop" in text or "larger" in text.lower()
+    scratch = workdir / "scratch" / "preflight" / "crop" / "tiny"
+    assert not list(scratch.glob("seed*/best.ckpt")) and not list(scratch.glob("seed*/checkpoints/*.ckpt"))
+    assert not list(scratch.glob("seed*/logs/metrics.csv")), "no training epoch ran"
 
 
 def test_other_cells_finish(preflight_run):

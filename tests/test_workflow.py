@@ -138,11 +138,11 @@ def test_summary_rows_complete(results):
 
 def test_every_rule_logged_and_heavy_rules_benchmarked(results):
     logs = results / "logs"
-    rules = ("sample_data", "render_config", "preflight", "finetune", "evaluate", "plot_predictions", "baseline")
-    rules += ("learning_curves", "validate_data")
+    rules = ("sample_data", "selection_split", "validate_data", "render_config", "finetune", "evaluate")
+    rules += ("plot_predictions", "summarize")
     for rule in rules:
         assert any((logs / rule).iterdir()), rule
-    for rule in ("preflight", "finetune", "evaluate"):
+    for rule in ("finetune", "evaluate"):
         tsv = sorted((results / "benchmarks" / rule).glob("*.tsv"))
         assert tsv and "max_rss" in tsv[0].read_text()
 
@@ -177,3 +177,37 @@ def test_a_rerun_trains_on_the_same_augmented_batches(results, workers):
     first, second = three_epochs_of_batches(), three_epochs_of_batches()
     assert len(first) == len(second) >= 3
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_the_preflight_check_leaves_training_unchanged(results):
+    """The one-batch check of every stage that starts a fine-tune puts back the weights, the
+    modules' train/eval modes and the random state: the first epoch trains on the same batches
+    to the same losses with or without it."""
+    import lightning.pytorch as pl
+
+    from geofm import training
+
+    config = cell_dir(results, "crop", "tiny", 0) / "config.effective.yaml"
+    trainer = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers": 0, "pin_memory": False,
+               "persistent_workers": True, "prefetch_factor": 2, "tf32": False}  # fmt: skip
+    splits = results / "out" / "splits" / "crop"
+    job = {"task": "crop", "trainer": trainer, "data_root": str(results.parent.parent / "resources" / "sample_data" /
+           "crop-seed0-v1"), "splits_dir": str(splits), "allow_selection_on_reported_split": False}  # fmt: skip
+
+    def first_epoch(preflight: bool, run_dir) -> list[float]:
+        rt = training.runtime_settings(trainer, threads=1)
+        cli = training.build_cli(config, rt, ["--trainer.max_epochs=1", f"--trainer.default_root_dir={run_dir}"])
+        if preflight:
+            training._dev_run(cli, job, rt, run_dir)
+        losses = []
+
+        class Record(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(float(outputs["loss"]))
+
+        cli.trainer.callbacks.append(Record())
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return losses
+
+    without, with_check = first_epoch(False, results.parent / "x0"), first_epoch(True, results.parent / "x1")
+    assert without and with_check == without

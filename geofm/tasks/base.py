@@ -152,8 +152,11 @@ class Task:
         return name
 
     # ------------------------------------------------------------------ sample data
-    def write_sample(self, root: Path, rng: np.random.Generator, counts: dict[str, int]) -> None:
-        """Write a small synthetic dataset in the real on-disk layout into the empty folder `root`."""
+    def write_sample(
+        self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
+    ) -> None:
+        """Write a small synthetic dataset in the real on-disk layout into the empty folder `root`
+        (`compressed`: deflate/gzip inside the files, transparent to every reader)."""
         raise NotImplementedError
 
     @property
@@ -287,5 +290,13 @@ def smooth_field(rng: np.random.Generator, size: int, scale: int = 32) -> np.nda
     return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
 
 
-# Compressed, tiled GeoTIFFs (transparent to rasterio) keep the sample data small.
-GTIFF = {"driver": "GTiff", "compress": "deflate", "tiled": True, "blockxsize": 112, "blockysize": 112}
+def gtiff(compressed: bool = True, **profile) -> dict:
+    """A tiled GeoTIFF profile; deflate-compressed (transparent to rasterio) keeps the sample data
+    small, uncompressed is what most published chips are (benchmarks use it)."""
+    codec = {"compress": "deflate"} if compressed else {}
+    return {"driver": "GTiff", "tiled": True, "blockxsize": 112, "blockysize": 112, **codec, **profile}
+
+
+def h5_options(compressed: bool = True) -> dict:
+    """h5py create_dataset options of the sample data (gzip, or none as in the published files)."""
+    return {"compression": "gzip"} if compressed else {}

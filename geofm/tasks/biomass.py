@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from geofm.tasks.base import (
-    GTIFF,
     REGRESSION,
     FileFormat,
     SplitFiles,
     Task,
+    gtiff,
     need_dir,
     pairs_problem,
     read_tif_label,
@@ -75,7 +75,9 @@ class Biomass(Task):
     def chip_name(self, image_path) -> str:
         return Path(image_path).name.removesuffix(IMAGE)
 
-    def write_sample(self, root: Path, rng: np.random.Generator, counts: dict[str, int]) -> None:
+    def write_sample(
+        self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
+    ) -> None:
         import rasterio
         from rasterio.transform import from_origin
 
@@ -103,7 +105,7 @@ class Biomass(Task):
                     rows = np.arange(rng.integers(0, 3), SIZE, 2)
                     label[rows, col] = agb[rows, col]
                 lon0, lat0 = rng.uniform(-120, 30), rng.uniform(-30, 60)
-                profile = dict(GTIFF, width=SIZE, height=SIZE, crs="EPSG:4326",
+                profile = gtiff(compressed, width=SIZE, height=SIZE, crs="EPSG:4326",
                                transform=from_origin(lon0, lat0, 0.00027, 0.00027))  # fmt: skip
                 with rasterio.open(
                     images / f"{stem}{IMAGE}", "w", count=11, dtype="float32", nodata=-9999, **profile

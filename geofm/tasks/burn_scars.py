@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from geofm.tasks.base import (
-    GTIFF,
     HOLDOUT_SPLIT,
     SEGMENTATION,
     VALIDATION_AS_TEST,
     FileFormat,
     SplitFiles,
     Task,
+    gtiff,
     need_dir,
     positive_class_definitions,
     read_tif_label,
@@ -101,7 +101,9 @@ class BurnScars(Task):
     def chip_name(self, image_path) -> str:
         return Path(image_path).name.removesuffix(IMAGE)
 
-    def write_sample(self, root: Path, rng: np.random.Generator, counts: dict[str, int]) -> None:
+    def write_sample(
+        self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
+    ) -> None:
         import rasterio
         from rasterio.transform import from_origin
 
@@ -125,7 +127,7 @@ class BurnScars(Task):
                 image = np.where((mask == 1)[..., None], burned, unburned)
                 # reflectance to 3 decimals: compresses well, keeps the sample data small
                 image = np.round((image + rng.normal(0, 0.01, image.shape)).clip(0, 1), 3).astype(np.float32)
-                profile = dict(GTIFF, width=SIZE, height=SIZE, crs="EPSG:32610",
+                profile = gtiff(compressed, width=SIZE, height=SIZE, crs="EPSG:32610",
                                transform=from_origin(rng.uniform(3e5, 7e5), rng.uniform(3.8e6, 4.6e6), 30, 30))  # fmt: skip
                 with rasterio.open(folder / f"{stem}{IMAGE}", "w", count=6, dtype="float32", **profile) as f:
                     f.write(image.transpose(2, 0, 1))

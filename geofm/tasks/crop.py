@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from geofm.tasks.base import (
-    GTIFF,
     HOLDOUT_SPLIT,
     SEGMENTATION,
     VALIDATION_AS_TEST,
@@ -28,6 +27,7 @@ from geofm.tasks.base import (
     SplitFiles,
     Task,
     blobs,
+    gtiff,
     need_dir,
     pairs_problem,
     read_ids,
@@ -100,7 +100,9 @@ class Crop(Task):
     def chip_name(self, image_path) -> str:
         return Path(image_path).name.removesuffix(IMAGE)
 
-    def write_sample(self, root: Path, rng: np.random.Generator, counts: dict[str, int]) -> None:
+    def write_sample(
+        self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
+    ) -> None:
         import rasterio
         from rasterio.transform import from_origin
 
@@ -128,7 +130,9 @@ class Crop(Task):
                 image = np.clip(image, 0, 10000).astype(np.int16)
                 image = image.reshape(SIZE, SIZE, 18).transpose(2, 0, 1)  # time-major bands
                 x0, y0 = 100000 + 6720 * int(chip[5:8]), 2000000 + 6720 * int(chip[9:12])
-                profile = dict(GTIFF, width=SIZE, height=SIZE, crs="EPSG:5070", transform=from_origin(x0, y0, 30, 30))
+                profile = gtiff(
+                    compressed, width=SIZE, height=SIZE, crs="EPSG:5070", transform=from_origin(x0, y0, 30, 30)
+                )
                 with rasterio.open(
                     folder / f"{chip}{IMAGE}", "w", count=18, dtype="int16", nodata=-9999, **profile
                 ) as f:

@@ -18,6 +18,7 @@ from geofm.tasks.base import (
     FileFormat,
     SplitFiles,
     Task,
+    h5_options,
     need_dir,
     positive_class_definitions,
     smooth_field,
@@ -71,7 +72,9 @@ class Landslide(Task):
             data = np.asarray(f["img"])
         return [("RGB", stretch(data[..., [3, 2, 1]]))]
 
-    def write_sample(self, root: Path, rng: np.random.Generator, counts: dict[str, int]) -> None:
+    def write_sample(
+        self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
+    ) -> None:
         import h5py
 
         # Bands are stored divided by a per-band mean, so values sit around 0..2.
@@ -87,9 +90,9 @@ class Landslide(Task):
                 image = np.where(mask[..., None] == 1, landslide, background)
                 image = np.round(image + rng.normal(0, 0.15, image.shape), 3).astype(np.float32)
                 with h5py.File(root / "images" / split / f"image_{number}.h5", "w") as f:
-                    f.create_dataset("img", data=image, compression="gzip")
+                    f.create_dataset("img", data=image, **h5_options(compressed))
                 with h5py.File(root / "annotations" / split / f"mask_{number}.h5", "w") as f:
-                    f.create_dataset("mask", data=mask, compression="gzip")
+                    f.create_dataset("mask", data=mask, **h5_options(compressed))
                 number += 1
 
 
