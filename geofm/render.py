@@ -8,6 +8,7 @@ Then the cell's overrides are set at their recipe paths (see geofm.config.OVERRI
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -187,5 +188,6 @@ def ensure_contract(config: dict, task, run_dir: str) -> list[str]:
 def write(config: dict, path: Path, header: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(f"# {line}" for line in header.splitlines()) + "\n"
-    text += yaml.safe_dump(config, sort_keys=False)
+    # json round trip: a config Snakemake read from JSON holds OrderedDicts, which safe_dump refuses
+    text += yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False)
     path.write_text(text)

@@ -1,25 +1,26 @@
-"""Version one experiment folder: large files with DVC, small text with git, both pushed.
+"""Prepare one experiment folder's version: large files with DVC, small text with git. No push.
 
-Used by the `version` and `version_evidence` rules (rules/version.smk). For
-`results/<experiment>/`:
+Used by the `version` and `version_evidence` rules (rules/version.smk), which run inside the
+submitted code's Snakemake child and so hold no credentials. For `results/<experiment>/`:
 
 - top-level entries named in `versioning.git` (default: out, err) are committed to git as
   plain files (summary, metrics, resources, configs, error files); a binary file there, or
   one larger than `versioning.git_max_kb`, is stored with DVC instead (its own .dvc file);
 - every other top-level entry (predictions/, logs/, benchmarks/, ...) is `dvc add`ed as one
-  output and pushed to the DVC remote;
+  output (into the checkout's DVC cache, `.dvc/cache`);
 - the .dvc files, DVC's .gitignore entries and `submission.json` (which config commit and
   submission produced the folder, and whether the run succeeded) are committed too.
 
-The results commit is built on a private index: the branch tip's tree with the experiment
-folder replaced by this run's folder, so it holds exactly this run's files and nothing else.
-When the push is rejected because the branch moved, the branch is fetched and the same
-folder is laid onto its new tip (the equivalent of fetch + rebase for a commit that only
-touches this folder, without stale files from an older run of the same experiment surviving
-a rebase). A rerun that finds the folder already on the branch makes no new commit.
+The results commit is built on a private index: the fetched branch tip's tree
+(`refs/remotes/<remote>/<branch>`, which the watcher put in the checkout; else HEAD) with the
+experiment folder replaced by this run's folder, so it holds exactly this run's files. It is
+left at `refs/geofm/results` and named in the receipt. The watcher (geofm/watcher/publish.py),
+trusted code with the credentials, checks it, pushes the DVC objects and the commit, and lays
+the folder onto a branch tip that moved meanwhile.
 
-Git credentials: a token in GEOFM_GIT_TOKEN is sent as an HTTP header through git's
-environment (never written to a config file or a URL, so git cannot print it).
+`Runner` and `git_env` are shared with the watcher: a token in GEOFM_GIT_TOKEN (present only
+in the watcher's environment) is sent as an HTTP header through git's environment, never
+written to a config file or a URL, so git cannot print it.
 """
 
 from __future__ import annotations
@@ -27,22 +28,19 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from geofm.cos import scrub, secret_values
+from geofm import names
+from geofm.store import scrub, secret_values
 
 SUBMISSION_FILE = "submission.json"
 RESULTS_TRAILER = "Geofm-Results"
-SAFE_BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])$")
-SAFE_REMOTE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
+RESULTS_REF = "refs/geofm/results"  # where the prepared results commit waits for the watcher
 
 
 class VersioningError(RuntimeError):
@@ -146,7 +144,7 @@ def _relative_inside(root: Path, path: Path) -> Path:
     return real.relative_to(root.resolve())
 
 
-def version(
+def prepare(
     workdir: Path,
     exp_dir: Path,
     *,
@@ -157,7 +155,8 @@ def version(
     log: Callable[[str], None] = print,
     env: dict | None = None,
 ) -> dict:
-    """Version `exp_dir` (a results/<experiment> folder of the git checkout at `workdir`)."""
+    """dvc add + the results commit of `exp_dir` (a results/<experiment> folder of the git
+    checkout at `workdir`), left at RESULTS_REF; the receipt names it. Nothing is pushed."""
     run = Runner(workdir, log, env)
     root = Path(run("git", "rev-parse", "--show-toplevel", quiet=True).stdout.strip()).resolve()
     run.cwd = root
@@ -166,15 +165,15 @@ def version(
     if not exp.is_dir():
         raise VersioningError(f"{exp_rel}: no results to version")
     remote = settings.get("git_remote") or "origin"
-    if not SAFE_REMOTE.match(remote):
+    if not names.valid(names.SAFE_REMOTE, remote):
         raise VersioningError(f"versioning.git_remote: {remote!r} is not a remote name")
     branch = (
         settings.get("branch") or run("git", "symbolic-ref", "--quiet", "--short", "HEAD", check=False).stdout.strip()
     )
-    if not branch or not SAFE_BRANCH.match(branch):
+    if not names.valid(names.SAFE_BRANCH, branch):
         raise VersioningError(f"versioning.branch: {branch!r} is not a branch name; fix: set versioning.branch")
     config_commit = settings.get("config_commit") or run("git", "rev-parse", "HEAD", quiet=True).stdout.strip()
-    if not COMMIT.match(config_commit):
+    if not names.valid(names.COMMIT, config_commit):
         raise VersioningError(f"versioning.config_commit: {config_commit!r} is not a full commit id")
     probe = exp_rel / "probe.dvc"
     ignored = run("git", "check-ignore", "-q", "--no-index", "--", str(probe), check=False,
@@ -187,32 +186,19 @@ def version(
             "ignore the results' contents but not their .dvc files (see README, Commit-triggered experiments)"
         )
 
+    sid = settings.get("submission", "")
     (exp / SUBMISSION_FILE).write_text(
-        json.dumps(
-            {
-                "experiment": experiment,
-                "outcome": outcome,
-                "config_commit": config_commit,
-                "branch": branch,
-                "submission": settings.get("submission", ""),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+        json.dumps({"experiment": experiment, "outcome": outcome, "config_commit": config_commit, "branch": branch,
+                    "submission": sid}, indent=2) + "\n"
+    )  # fmt: skip
     max_bytes = int(settings.get("git_max_kb", 512)) * 1024
     git_files, dvc_targets = plan(exp, list(settings.get("git", ["out", "err"])), max_bytes)
 
     dvc_files: list[Path] = []
     if dvc_targets:
         rel = [str(t.relative_to(root)) for t in dvc_targets]
-        dvc = dvc_executable()
-        run(dvc, "add", "--quiet", *rel, timeout=3600)
+        run(dvc_executable(), "add", "--quiet", *rel, timeout=3600)
         dvc_files = [Path(r + ".dvc") for r in rel]
-        push = [dvc, "push", "--quiet"]
-        if settings.get("dvc_remote"):
-            push += ["--remote", settings["dvc_remote"]]
-        _retry(lambda: run(*push, *map(str, dvc_files), timeout=3600), settings, log, "dvc push")
 
     files = [str(f.relative_to(root)) for f in git_files] + [str(f) for f in dvc_files]
     files += [str(p.relative_to(root)) for p in exp.rglob(".gitignore")] + [str(exp_rel / SUBMISSION_FILE)]
@@ -222,42 +208,36 @@ def version(
         f"Restore the files: git checkout <this commit> && dvc pull -R {exp_rel}\n\n"
         f"{RESULTS_TRAILER}: {experiment}\n"
         f"Config-Commit: {config_commit}\n"
-        f"Outcome: {outcome}\n" + (f"Submission: {settings['submission']}\n" if settings.get("submission") else "")
+        f"Outcome: {outcome}\n" + (f"Submission: {sid}\n" if sid else "")
     )
-    commit = _commit_and_push(run, root, exp_rel, files, message, remote, branch, settings, log)
+    tip = f"refs/remotes/{remote}/{branch}"
+    has_tip = run("git", "rev-parse", "--verify", "--quiet", f"{tip}^{{commit}}", check=False, quiet=True)
+    base = (
+        has_tip.stdout.strip()
+        if has_tip.returncode == 0
+        else run("git", "rev-parse", "HEAD", quiet=True).stdout.strip()
+    )
+    commit = build_commit(run, base, exp_rel, files, message)
+    run("git", "update-ref", RESULTS_REF, commit)
     doc = {
         "experiment": experiment,
         "outcome": outcome,
         "results_commit": commit,
+        "base": base,
         "config_commit": config_commit,
         "branch": branch,
-        "remote": remote,
-        "submission": settings.get("submission", ""),
+        "submission": sid,
         "dvc_files": [str(f) for f in dvc_files],
         "git_files": len(files),
     }
     receipt = Path(receipt)
     receipt.parent.mkdir(parents=True, exist_ok=True)
     receipt.write_text(json.dumps(doc, indent=2) + "\n")
-    log(f"versioned {exp_rel} as {commit} on {remote}/{branch}")
+    log(f"prepared {exp_rel} as {commit} on {base[:10]} ({RESULTS_REF}); the watcher pushes it")
     return doc
 
 
-def _retry(fn: Callable, settings: dict, log: Callable[[str], None], what: str):
-    attempts = int(settings.get("push_attempts", 5))
-    delay = float(settings.get("retry_delay_s", 5))
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except VersioningError as e:
-            if attempt == attempts:
-                raise
-            log(f"{what} failed (attempt {attempt} of {attempts}): {e}; retrying in {delay:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 120)
-
-
-def _build(run: Runner, base: str, exp_rel: Path, files: list[str], message: str) -> str:
+def build_commit(run: Runner, base: str, exp_rel: Path, files: list[str], message: str) -> str:
     """A commit on `base` whose experiment folder is exactly `files`; `base` if nothing changed."""
     with tempfile.TemporaryDirectory(prefix="geofm-index-") as tmp:
         env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
@@ -267,36 +247,18 @@ def _build(run: Runner, base: str, exp_rel: Path, files: list[str], message: str
         tree = run("git", "write-tree", env=env, quiet=True).stdout.strip()
     if tree == run("git", "rev-parse", f"{base}^{{tree}}", quiet=True).stdout.strip():
         return base
-    author = {
+    return run(
+        "git", "commit-tree", tree, "-p", base, "-F", "-", env=identity(), input=message, quiet=True
+    ).stdout.strip()
+
+
+def identity() -> dict:
+    return {
         "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "geofm watcher"),
         "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "geofm-watcher@localhost"),
         "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "geofm watcher"),
         "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "geofm-watcher@localhost"),
     }
-    return run("git", "commit-tree", tree, "-p", base, "-F", "-", env=author, input=message, quiet=True).stdout.strip()
-
-
-def _commit_and_push(run, root, exp_rel, files, message, remote, branch, settings, log) -> str:
-    attempts = int(settings.get("push_attempts", 5))
-    delay = float(settings.get("retry_delay_s", 5))
-    base = run("git", "rev-parse", "HEAD", quiet=True).stdout.strip()
-    for attempt in range(1, attempts + 1):
-        commit = _build(run, base, exp_rel, files, message)
-        pushed = run("git", "push", "--porcelain", remote, f"{commit}:refs/heads/{branch}", check=False, timeout=600)
-        if pushed.returncode == 0:
-            return commit
-        fetched = run("git", "fetch", "--quiet", remote, f"refs/heads/{branch}", check=False, timeout=600)
-        tip = run("git", "rev-parse", "FETCH_HEAD", quiet=True).stdout.strip() if fetched.returncode == 0 else base
-        if attempt == attempts:
-            break
-        if tip != base:
-            log(f"push rejected: {remote}/{branch} moved to {tip[:10]}; laying the results onto it (attempt {attempt})")
-            base = tip
-            continue
-        log(f"push failed (attempt {attempt} of {attempts}); retrying in {delay:.0f} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 120)
-    raise VersioningError(f"could not push the results commit to {remote}/{branch} after {attempts} attempts")
 
 
 def clean_experiment(worktree: Path, exp_rel: Path) -> None:

@@ -1,5 +1,7 @@
-# Versioning (versioning.enabled, set by the COS watcher): the experiment's large results go
-# to DVC, its small text results to git, and both are pushed (geofm/versioning.py).
+# Versioning (versioning.enabled, set by the watcher): the experiment's large results are
+# added to DVC's cache, its small text results committed to git, on the fetched branch tip
+# (geofm/versioning.py). Nothing is pushed here: this runs as submitted code, without
+# credentials. The watcher checks the prepared commit and pushes it and the DVC objects.
 #
 # A run whose cells all succeed reaches `version` through the default target. When a cell
 # fails, Snakemake cannot run anything that depends on the failed cell, so `version` never
@@ -17,7 +19,7 @@ localrules:
 
 
 rule version:
-    """Every output exists: dvc add + push the large results, commit + push the small text."""
+    """Every output exists: dvc add the large results, commit the small text (no push)."""
     input:
         [t for t in final_targets() if not t.startswith(f"{L.scratch}/versioning/")],
     output:
@@ -36,7 +38,7 @@ rule version:
 
 
 rule version_evidence:
-    """What a failed run left behind (error files, summary, logs, finished cells), versioned."""
+    """What a failed run left behind (error files, summary, logs, finished cells), prepared the same way."""
     output:
         f"{L.scratch}/versioning/evidence.json",
     log:

@@ -1,4 +1,4 @@
-"""Rules version / version_evidence: dvc add + push the experiment's results, commit + push git."""
+"""Rules version / version_evidence: dvc add the experiment's results and prepare the results commit (no push)."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ from geofm import evidence, versioning
 
 sm = snakemake  # noqa: F821 (provided by Snakemake)
 with evidence.captured(sm.log[0]):
-    versioning.version(
+    versioning.prepare(
         Path.cwd(),
         Path(sm.params.exp_dir),
         experiment=sm.params.experiment,

@@ -6,11 +6,17 @@
 - A bare git repository standing in for the GitLab project, seeded with a snapshot of this
   working tree, with DVC initialised and its remote on the SeaweedFS bucket.
 - gitlab-ci-local (installed into .tools/ by tests/setup-system.sh) running ci/.gitlab-ci.yml.
-- Watcher processes (scripts/watcher.py) in the background.
+- Watcher processes (geofm-watcher) in the background, each with its own key of the bucket
+  (the operator's key split: `KeySplit`), a JWKS server on loopback (`Jwks`) that the tests
+  mint GitLab-like ID tokens with, and a TCP relay (`Relay`) that cuts one watcher off S3.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.server
+import json
 import os
 import secrets
 import shutil
@@ -18,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,9 +106,10 @@ class SeaweedFS:
         "admin.port", "admin.port.grpc", "s3.debug.port", "metricsPort", "s3.metricsPort",
     )  # fmt: skip
 
-    def __init__(self, root: Path, credentials: dict, bucket: str = "geofm-test"):
+    def __init__(self, root: Path, credentials: dict, bucket: str = "geofm-test", identities: list | None = None):
         self.root, self.bucket = Path(root), bucket
         self.credentials = {k: credentials[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        self.identities = identities  # SeaweedFS identities (-s3.config), the admin key first
         self.ports = dict(zip(self.PORT_FLAGS, free_ports(len(self.PORT_FLAGS))))
         self.proc: subprocess.Popen | None = None
         (self.root / "data").mkdir(parents=True, exist_ok=True)
@@ -124,6 +132,10 @@ class SeaweedFS:
     def start(self, timeout: float = 60) -> None:
         cmd = [str(VENV_BIN / "weed"), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         cmd += [f"-{flag}={port}" for flag, port in self.ports.items()] + ["-admin.ui=false"]
+        if self.identities:
+            config = self.root / "s3-identities.json"
+            config.write_text(json.dumps({"identities": self.identities}))
+            cmd.append(f"-s3.config={config}")
         log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(
             cmd, cwd=self.root, env={**BASE_ENV, **self.credentials}, stdout=log, stderr=subprocess.STDOUT,
@@ -162,6 +174,202 @@ class SeaweedFS:
             if not page.get("IsTruncated"):
                 return keys
             token = page["NextContinuationToken"]
+
+
+class KeySplit:
+    """The operator's keys of one bucket (README, Operator), as SeaweedFS identities:
+
+    - ci: write queue/ and submissions/, read status/, read the DVC remote;
+    - watcher: read queue/ and submissions/, write status/, leases/, quarantine/, delete queue/;
+    - dvc: the DVC remote (dvc/), read and write; only the watcher holds it.
+    The admin key (the tests' own) may do anything. Prefixes may be any (`*/queue/*`).
+    """
+
+    def __init__(self, admin: dict, bucket: str = "geofm-test"):
+        def key(name):
+            return {"AWS_ACCESS_KEY_ID": f"GEOFM{name.upper()}{secrets.token_hex(4).upper()}",
+                    "AWS_SECRET_ACCESS_KEY": f"{name}Secret{secrets.token_urlsafe(18).replace('-', 'x').replace('_', 'y')}"}  # fmt: skip
+
+        self.admin, self.ci, self.watcher, self.dvc = admin, key("ci"), key("watcher"), key("dvc")
+        b = bucket
+        self.actions = {
+            "ci": [f"Write:{b}/*/queue/*", f"Write:{b}/*/submissions/*", f"Read:{b}/*/status/*", f"Read:{b}/dvc/*",
+                   f"List:{b}"],
+            "watcher": [f"Read:{b}/*/queue/*", f"Read:{b}/*/submissions/*", f"Read:{b}/*/status/*",
+                        f"Read:{b}/*/leases/*", f"Write:{b}/*/queue/*", f"Write:{b}/*/status/*",
+                        f"Write:{b}/*/leases/*", f"Write:{b}/*/quarantine/*", f"List:{b}"],
+            "dvc": [f"Read:{b}/dvc/*", f"Write:{b}/dvc/*", f"List:{b}"],
+        }  # fmt: skip
+
+    def identities(self) -> list[dict]:
+        def ident(name, creds, actions):
+            return {"name": name, "actions": actions,
+                    "credentials": [{"accessKey": creds["AWS_ACCESS_KEY_ID"], "secretKey": creds["AWS_SECRET_ACCESS_KEY"]}]}  # fmt: skip
+
+        out = [ident("admin", self.admin, ["Admin", "Read", "Write", "List", "Tagging"])]
+        return out + [ident(n, getattr(self, n), self.actions[n]) for n in ("ci", "watcher", "dvc")]
+
+    def watcher_env(self) -> dict:
+        """The watcher's environment: its bucket key and the DVC key (and a git token)."""
+        return {**self.watcher, "GEOFM_DVC_ACCESS_KEY_ID": self.dvc["AWS_ACCESS_KEY_ID"],
+                "GEOFM_DVC_SECRET_ACCESS_KEY": self.dvc["AWS_SECRET_ACCESS_KEY"],
+                "GEOFM_GIT_TOKEN": self.admin["GEOFM_GIT_TOKEN"]}  # fmt: skip
+
+    def secrets(self) -> list[str]:
+        values = [v for k in (self.admin, self.ci, self.watcher, self.dvc) for v in k.values()]
+        return values + [base64.b64encode(f"oauth2:{self.admin['GEOFM_GIT_TOKEN']}".encode()).decode()]
+
+
+def _b64(n: int) -> str:
+    return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+
+
+class Jwks:
+    """A GitLab stand-in for ID tokens: RSA keys, their JWKS served on loopback, tokens minted here."""
+
+    ISSUER = "https://gitlab.example.com"
+    AUDIENCE = "geofm-watcher"
+    PROJECT = "geofm/geofm-pipeline"
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.keys = {"kid-1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+        self.served = ["kid-1"]
+        self.fetches = 0
+        jwks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                jwks.fetches += 1
+                body = json.dumps({"keys": [jwks.public(k) for k in jwks.served]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth/discovery/keys"
+
+    def public(self, kid: str) -> dict:
+        numbers = self.keys[kid].public_key().public_numbers()
+        return {"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": _b64(numbers.n), "e": _b64(numbers.e)}
+
+    def add_key(self, kid: str, serve: bool = True) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if serve:
+            self.served.append(kid)
+
+    def claims(self, commit: str, branch: str = "main", **changes) -> dict:
+        now = int(time.time())
+        claims = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": f"project_path:{self.PROJECT}:ref_type:branch:ref:{branch}",
+                  "iat": now, "nbf": now, "exp": now + 3600, "project_path": self.PROJECT, "ref": branch,
+                  "ref_type": "branch", "ref_protected": "true", "sha": commit, "user_login": "researcher",
+                  "pipeline_id": "4242"}  # fmt: skip
+        claims.update(changes)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(self, commit: str, branch: str = "main", kid: str = "kid-1", key_of: str | None = None, **changes) -> str:
+        import jwt
+
+        key = self.keys[key_of or kid]
+        return jwt.encode(self.claims(commit, branch, **changes), key, algorithm="RS256", headers={"kid": kid})
+
+    def watcher_args(self) -> dict:
+        return {"issuer": self.ISSUER, "jwks-url": self.url, "audience": self.AUDIENCE, "project": self.PROJECT}
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class Relay:
+    """A TCP relay on loopback in front of a server; `cut()` drops every connection and refuses
+    new ones until `restore()` (one client's network outage; bytes pass unchanged, so S3
+    signatures stay valid)."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.down = threading.Event()
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket):
+        try:
+            while data := a.recv(65536):
+                if self.down.is_set():
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.down.set()
+        for s in self.open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.open = []
+
+    def restore(self) -> None:
+        self.down.clear()
+
+
+def registry_file(shared_cache: Path) -> Path:
+    """The session's TerraTorch registry snapshot (taken once: ~10 s)."""
+    from geofm import backbones
+
+    backbones.snapshot(shared_cache)
+    return next(Path(shared_cache).glob("terratorch-registry-*.json"))
+
+
+@contextlib.contextmanager
+def running(stack):
+    """A test stack started, and closed whatever happens."""
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
 
 
 def project_files() -> list[str]:
@@ -225,24 +433,34 @@ def run_pipeline(checkout: Path, variables: dict, secret_env: dict, timeout: int
 
 
 class WatcherProcess:
-    """scripts/watcher.py as a background process; its stderr goes to `log`."""
+    """geofm-watcher (python -m geofm.cli.watcher, this tree) in the background; its stderr
+    goes to `log`. `env` holds its credentials; `options` its command-line options."""
 
-    def __init__(self, name: str, repo: Path, home: Path, env: dict, s3: SeaweedFS, **options):
+    def __init__(self, name: str, repo: Path, home: Path, env: dict, s3: SeaweedFS, endpoint: str | None = None,
+                 **options):  # fmt: skip
         self.name, self.repo, self.home, self.env, self.s3 = name, repo, home, env, s3
-        self.log = home.parent / f"{name}.log"
-        self.options = {"poll": 1, "lease-ttl": 60, "max-backoff": 4, "cores": 2, "stop-timeout": 60, **options}
+        self.endpoint = endpoint or s3.endpoint
+        self.log = home.parent / f"{home.name}.log"
+        self.options = {"poll": 1, "lease-ttl": 60, "max-backoff": 4, "cores": 2, "stop-timeout": 60,
+                        "dvc-remote": f"s3://{s3.bucket}/dvc", "dvc-endpoint": s3.endpoint, **options}  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> WatcherProcess:
-        cmd = [PYTHON, str(REPO / "scripts" / "watcher.py"), "--repo", str(self.repo), "--home", str(self.home)]
-        cmd += ["--name", self.name, "--endpoint", self.s3.endpoint, "--bucket", self.s3.bucket]
+    def command(self) -> list[str]:
+        cmd = [PYTHON, "-m", "geofm.cli.watcher", "--repo", str(self.repo), "--home", str(self.home)]
+        cmd += ["--name", self.name, "--endpoint", self.endpoint, "--bucket", self.s3.bucket]
         for key, value in self.options.items():
-            cmd += [f"--{key}", str(value)]
+            for v in value if isinstance(value, list | tuple) else [value]:
+                if v is True:
+                    cmd.append(f"--{key}")
+                elif v is not None and v is not False:
+                    cmd += [f"--{key}", str(v)]
+        return cmd
+
+    def start(self) -> WatcherProcess:
         log = open(self.log, "a")
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.repo, env={**BASE_ENV, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        env = {**BASE_ENV, "PYTHONPATH": str(REPO), **self.env}
+        self.proc = subprocess.Popen(self.command(), cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)  # fmt: skip
         return self
 
     @property
