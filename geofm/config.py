@@ -150,46 +150,51 @@ OUTPUT_ENTRIES = ("results", "scratch", "resources")
 ALWAYS_PROTECTED = (".git", ".dvc", ".venv", ".tools", ".snakemake")
 
 
-def _protected_entries() -> set[str]:
-    """Top-level entries of the workflow folder that outputs must never touch: what git tracks
+def _protected_entries(folder: Path) -> set[str]:
+    """Top-level entries of a workflow folder that outputs must never touch: what git tracks
     (or, outside a git checkout, whatever is there) and the tool folders, except results/ etc."""
     try:
         listed = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "ls-files", "-z"], capture_output=True, timeout=30, check=True
+            ["git", "-C", str(folder), "ls-files", "-z"], capture_output=True, timeout=30, check=True
         ).stdout.decode()
         names = {f.split("/", 1)[0] for f in listed.split("\0") if f}
     except (OSError, subprocess.SubprocessError):
         names = set()
     if not names:
-        names = {p.name for p in REPO_ROOT.iterdir()}
+        names = {p.name for p in folder.iterdir()}
     return (names | set(ALWAYS_PROTECTED)) - set(OUTPUT_ENTRIES)
 
 
 def _check_outputs(config: dict, root: Path) -> None:
-    """Outputs may not overlap the workflow's own files (a results commit would replace them)."""
-    repo = REPO_ROOT.resolve()
-    protected = None
+    """Outputs may not overlap the workflow's own files (a results commit would replace them): the
+    code that runs (REPO_ROOT), and the run folder when it is a checkout of the workflow (the
+    watcher resolves a submitted commit's config from its own installation)."""
+    folders = {REPO_ROOT.resolve()}
+    if (root / ".git").exists() and (root / "Snakefile").is_file():
+        folders.add(root.resolve())
     outputs = [
         ("results_dir", Path(config["results_dir"]) / config["experiment"]),
         ("scratch_dir", Path(config["scratch_dir"]) / config["experiment"]),
         ("cache_dir", Path(config["cache_dir"])),
         ("sample_data.root", Path(config["sample_data"]["root"])),
     ]
-    for key, path in outputs:
-        target = (root / path).resolve()
-        if target == repo or repo.is_relative_to(target):
-            raise ConfigError(
-                f"{key}: {path} would hold the workflow's own folder {repo}; fix: use a folder such as "
-                f"{OUTPUT_ENTRIES[0] if key == 'results_dir' else 'scratch'}/ (the default)"
-            )
-        if target.is_relative_to(repo):
-            first = target.relative_to(repo).parts[0]
-            protected = _protected_entries() if protected is None else protected
-            if first in protected:
+    for repo in sorted(folders):
+        protected = None
+        for key, path in outputs:
+            target = (root / path).resolve()
+            if target == repo or repo.is_relative_to(target):
                 raise ConfigError(
-                    f"{key}: {path} overlaps the workflow's own {first!r}; fix: keep outputs under "
-                    f"{', '.join(e + '/' for e in OUTPUT_ENTRIES)} or outside the workflow folder"
+                    f"{key}: {path} would hold the workflow's own folder {repo}; fix: use a folder such as "
+                    f"{OUTPUT_ENTRIES[0] if key == 'results_dir' else 'scratch'}/ (the default)"
                 )
+            if target.is_relative_to(repo):
+                first = target.relative_to(repo).parts[0]
+                protected = _protected_entries(repo) if protected is None else protected
+                if first in protected:
+                    raise ConfigError(
+                        f"{key}: {path} overlaps the workflow's own {first!r}; fix: keep outputs under "
+                        f"{', '.join(e + '/' for e in OUTPUT_ENTRIES)} or outside the workflow folder"
+                    )
 
 
 def resolve(raw: dict, root: Path | str = ".", check_data: bool = True, max_cells: int = MAX_CELLS) -> dict:

@@ -26,6 +26,16 @@ TASK, MODEL, SEED = "{task}", "{model}", "{seed}"
 CELL_DIR = re.compile(r"(?P<task>[^/]+)/(?P<model>[^/]+)/seed(?P<seed>\d+)")  # used with fullmatch
 
 
+class _Under:
+    """A folder of the experiment's results folder: `layout.out` is '<results>/<experiment>/out'."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layout, owner=None) -> str:
+        return f"{layout.root}/{self.name}"
+
+
 @dataclass(frozen=True)
 class ResultsLayout:
     """Paths of one experiment. `results_dir` and `scratch_dir` are the config's folders."""
@@ -45,25 +55,11 @@ class ResultsLayout:
     def root(self) -> str:
         return f"{self.results_dir}/{self.experiment}"
 
-    @property
-    def out(self) -> str:
-        return f"{self.root}/out"
-
-    @property
-    def err(self) -> str:
-        return f"{self.root}/err"
-
-    @property
-    def predictions(self) -> str:
-        return f"{self.root}/predictions"
-
-    @property
-    def logs(self) -> str:
-        return f"{self.root}/logs"
-
-    @property
-    def benchmarks(self) -> str:
-        return f"{self.root}/benchmarks"
+    out = _Under("out")
+    err = _Under("err")
+    predictions = _Under("predictions")
+    logs = _Under("logs")
+    benchmarks = _Under("benchmarks")
 
     @property
     def scratch(self) -> str:

@@ -102,7 +102,6 @@ def render(recipe_text: str, settings: dict, paths: dict[str, str], notes: list[
 
 def with_best(settings: dict, best_file: Path) -> dict:
     """A cell's settings with the search's best parameters (hpo_best's best.json) over its overrides."""
-    import json
 
     best = json.loads(Path(best_file).read_text())
     overrides = {**settings["overrides"], **{k: v for k, v in best["overrides"].items() if k != "set"}}
@@ -188,6 +187,5 @@ def ensure_contract(config: dict, task, run_dir: str) -> list[str]:
 def write(config: dict, path: Path, header: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(f"# {line}" for line in header.splitlines()) + "\n"
-    # json round trip: a config Snakemake read from JSON holds OrderedDicts, which safe_dump refuses
-    text += yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False)
+    text += yaml.safe_dump(config, sort_keys=False)
     path.write_text(text)

@@ -1,4 +1,5 @@
 # The only place with Python helpers: the resolved experiment, the results layout, input functions.
+import json
 import os
 import sys
 
@@ -8,7 +9,8 @@ from geofm.layout import ResultsLayout
 from geofm.tasks import TASKS
 
 try:
-    EXP = experiment_config.resolve(config)
+    # Plain data: Snakemake reads JSON config files (what the watcher passes) into OrderedDicts.
+    EXP = experiment_config.resolve(json.loads(json.dumps(config)))
 except experiment_config.ConfigError as error:
     # One line, before any job is planned.
     sys.exit(f"config error: {error}")

@@ -23,6 +23,13 @@ SEGMENTATION, REGRESSION = "segmentation", "regression"
 # Split labels shared by the tasks without a usable validation split upstream.
 HOLDOUT_SPLIT = f"hold-out of {HOLDOUT_PERCENT}% of the official training chips (by chip-id hash)"
 VALIDATION_AS_TEST = "official validation chips (the dataset has no test split)"
+# What such a task (training and validation chips only) says about its splits, as Task fields.
+HOLDOUT_TASK = {
+    "holdout": True,
+    "selection_split": HOLDOUT_SPLIT,
+    "test_split": VALIDATION_AS_TEST,
+    "split_labels": {"training": "official training chips", "validation": VALIDATION_AS_TEST},
+}
 
 
 def positive_class_definitions(prefix: str, what: str, index: int = 1) -> dict[str, str]:
@@ -92,6 +99,8 @@ class Task:
     units: str = ""
     selection_metric: str = ""  # the metric the bundled recipe's checkpoint callback monitors
     selection_mode: str = "max"  # whether a higher or lower selection_metric is better
+    image_suffix: str = ""  # what follows the chip name in an image file's name
+    rgb_bands: tuple[int, ...] = ()  # 1-based red, green, blue bands of a single-date GeoTIFF image
     image_format: FileFormat | None = None
     label_format: FileFormat | None = None
     split_labels: dict[str, str] = field(default_factory=dict)  # official split -> its label
@@ -140,14 +149,18 @@ class Task:
 
     # ------------------------------------------------------------------ drawing
     def rgb_panels(self, image_path: Path) -> list[tuple[str, np.ndarray]]:
-        """RGB composites of a raw chip, (title, HxWx3 in [0, 1]) per panel."""
-        raise NotImplementedError
+        """RGB composites of a raw chip, (title, HxWx3 in [0, 1]) per panel; by default the
+        `rgb_bands` of a single-date GeoTIFF."""
+        import rasterio
+
+        with rasterio.open(image_path) as f:
+            return [("RGB", stretch(f.read(list(self.rgb_bands)).transpose(1, 2, 0)))]
 
     def chip_name(self, image_path: str | Path) -> str:
         """A chip's short name (file name without the image suffix)."""
         name = Path(image_path).name
-        for suffix in (".tif", ".h5"):
-            if name.endswith(suffix):
+        for suffix in (self.image_suffix, ".tif", ".h5"):
+            if suffix and name.endswith(suffix):
                 return name[: -len(suffix)]
         return name
 
@@ -182,9 +195,11 @@ class Task:
 
 
 # ---------------------------------------------------------------------- shared helpers
-def need_dir(root: Path, rel: str) -> str | None:
-    if not (root / rel).is_dir():
-        return f"missing folder {root / rel}; fix: point data_root at the dataset's top folder"
+def need_dir(root: Path, *rels: str) -> str | None:
+    """The first of the folders `rels` that is missing under root, as a problem line."""
+    for rel in rels:
+        if not (root / rel).is_dir():
+            return f"missing folder {root / rel}; fix: point data_root at the dataset's top folder"
     return None
 
 
@@ -295,6 +310,14 @@ def gtiff(compressed: bool = True, **profile) -> dict:
     small, uncompressed is what most published chips are (benchmarks use it)."""
     codec = {"compress": "deflate"} if compressed else {}
     return {"driver": "GTiff", "tiled": True, "blockxsize": 112, "blockysize": 112, **codec, **profile}
+
+
+def write_tif(path: Path, array: np.ndarray, profile: dict, **options) -> None:
+    """One GeoTIFF of the sample data: bands x height x width, its profile (gtiff()) and dtype/nodata."""
+    import rasterio
+
+    with rasterio.open(path, "w", count=array.shape[0], dtype=str(array.dtype), **profile, **options) as f:
+        f.write(array)
 
 
 def h5_options(compressed: bool = True) -> dict:

@@ -25,7 +25,7 @@ from geofm.tasks.base import (
     pairs_problem,
     read_tif_label,
     smooth_field,
-    stretch,
+    write_tif,
 )
 
 SPLITS = ("train", "val", "test")
@@ -36,11 +36,7 @@ SIZE = 224
 class Biomass(Task):
     def check_layout(self, root: Path) -> str | None:
         for split in SPLITS:
-            for rel in (f"{split}_images", f"{split}_labels"):
-                problem = need_dir(root, rel)
-                if problem:
-                    return problem
-            problem = pairs_problem(
+            problem = need_dir(root, f"{split}_images", f"{split}_labels") or pairs_problem(
                 sorted((root / f"{split}_images").glob(f"*{IMAGE}")),
                 sorted((root / f"{split}_labels").glob(f"*{LABEL}")),
                 IMAGE,
@@ -65,20 +61,9 @@ class Biomass(Task):
         for path in sorted((root / f"{split}_labels").glob(f"*{LABEL}")):
             yield read_tif_label(path)
 
-    def rgb_panels(self, image_path: Path):
-        import rasterio
-
-        with rasterio.open(image_path) as f:  # B01, blue, green, red, ...
-            data = f.read([4, 3, 2]).transpose(1, 2, 0)
-        return [("RGB", stretch(data))]
-
-    def chip_name(self, image_path) -> str:
-        return Path(image_path).name.removesuffix(IMAGE)
-
     def write_sample(
         self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
     ) -> None:
-        import rasterio
         from rasterio.transform import from_origin
 
         bare = np.array([600, 700, 1000, 1300, 2200, 2800, 2200, 10, 2900, 2800, 64], float)
@@ -107,12 +92,8 @@ class Biomass(Task):
                 lon0, lat0 = rng.uniform(-120, 30), rng.uniform(-30, 60)
                 profile = gtiff(compressed, width=SIZE, height=SIZE, crs="EPSG:4326",
                                transform=from_origin(lon0, lat0, 0.00027, 0.00027))  # fmt: skip
-                with rasterio.open(
-                    images / f"{stem}{IMAGE}", "w", count=11, dtype="float32", nodata=-9999, **profile
-                ) as f:
-                    f.write(image)
-                with rasterio.open(labels / f"{stem}{LABEL}", "w", count=1, dtype="float32", nodata=-1, **profile) as f:
-                    f.write(label[None])
+                write_tif(images / f"{stem}{IMAGE}", image, profile, nodata=-9999)
+                write_tif(labels / f"{stem}{LABEL}", label[None], profile, nodata=-1)
 
 
 TASK = Biomass(
@@ -133,6 +114,8 @@ TASK = Biomass(
     dataset="https://zenodo.org/records/12356481",
     value_bins=(0, 50, 100, 150, 200, 300, 1e9),
     units="Mg/ha",
+    image_suffix=IMAGE,
+    rgb_bands=(4, 3, 2),  # red, green, blue
     selection_metric="val/RMSE",
     selection_mode="min",
     image_format=FileFormat(

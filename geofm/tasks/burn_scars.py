@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from geofm.tasks.base import (
-    HOLDOUT_SPLIT,
+    HOLDOUT_TASK,
     SEGMENTATION,
-    VALIDATION_AS_TEST,
     FileFormat,
     SplitFiles,
     Task,
@@ -29,7 +28,7 @@ from geofm.tasks.base import (
     positive_class_definitions,
     read_tif_label,
     smooth_field,
-    stretch,
+    write_tif,
 )
 
 SPLITS = {"train": "training", "test": "validation"}
@@ -56,10 +55,9 @@ def _masks(folder: Path) -> list[Path]:
 class BurnScars(Task):
     def check_layout(self, root: Path) -> str | None:
         for rel in SPLITS.values():
-            problem = need_dir(root, rel)
-            if problem:
-                return problem
             folder = root / rel
+            if need_dir(root, rel):
+                return need_dir(root, rel)
             images, masks = {_stem(p) for p in _images(folder)}, {_stem(p) for p in _masks(folder)}
             if not images:
                 return f"no *{IMAGE} files in {folder}; fix: extract the {rel} split there"
@@ -91,20 +89,9 @@ class BurnScars(Task):
             if wanted is None or _stem(mask) in wanted:
                 yield read_tif_label(mask)
 
-    def rgb_panels(self, image_path: Path):
-        import rasterio
-
-        with rasterio.open(image_path) as f:  # blue, green, red, NIR, SWIR1, SWIR2
-            data = f.read([3, 2, 1]).transpose(1, 2, 0)
-        return [("RGB", stretch(data))]
-
-    def chip_name(self, image_path) -> str:
-        return Path(image_path).name.removesuffix(IMAGE)
-
     def write_sample(
         self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
     ) -> None:
-        import rasterio
         from rasterio.transform import from_origin
 
         # Reflectance (0-1) of unburned vegetation and of a fresh burn scar (dark NIR, bright SWIR2).
@@ -129,10 +116,8 @@ class BurnScars(Task):
                 image = np.round((image + rng.normal(0, 0.01, image.shape)).clip(0, 1), 3).astype(np.float32)
                 profile = gtiff(compressed, width=SIZE, height=SIZE, crs="EPSG:32610",
                                transform=from_origin(rng.uniform(3e5, 7e5), rng.uniform(3.8e6, 4.6e6), 30, 30))  # fmt: skip
-                with rasterio.open(folder / f"{stem}{IMAGE}", "w", count=6, dtype="float32", **profile) as f:
-                    f.write(image.transpose(2, 0, 1))
-                with rasterio.open(folder / f"{stem}.mask.tif", "w", count=1, dtype="int16", **profile) as f:
-                    f.write(mask[None])
+                write_tif(folder / f"{stem}{IMAGE}", image.transpose(2, 0, 1), profile)
+                write_tif(folder / f"{stem}.mask.tif", mask[None], profile)
 
 
 TASK = BurnScars(
@@ -143,17 +128,16 @@ TASK = BurnScars(
     higher_is_better=True,
     key_metrics=("burned_IoU", "burned_F1", "mIoU"),
     definitions=positive_class_definitions("burned", "burned"),
-    selection_split=HOLDOUT_SPLIT,
-    test_split=VALIDATION_AS_TEST,
+    **HOLDOUT_TASK,
     dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/hls_burn_scars",
-    holdout=True,
     class_names=("Not burned", "Burned"),
     positive_class=1,
     positive_name="burned",
+    image_suffix=IMAGE,
+    rgb_bands=(3, 2, 1),  # red, green, blue
     selection_metric="val/mIoU",
     image_format=FileFormat("tif", bands=6, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, same_crs=False),
     label_format=FileFormat("tif", bands=1, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, values=(-1, 0, 1)),
-    split_labels={"training": "official training chips", "validation": VALIDATION_AS_TEST},
     default_enabled=False,  # the default experiment keeps its three tasks and its run time
     sample_counts={"training": 6, "validation": 2},
 )

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from geofm.tasks.base import (
-    HOLDOUT_SPLIT,
+    HOLDOUT_TASK,
     SEGMENTATION,
-    VALIDATION_AS_TEST,
     FileFormat,
     SplitFiles,
     Task,
@@ -34,6 +33,7 @@ from geofm.tasks.base import (
     read_tif_label,
     split_ids_problem,
     stretch,
+    write_tif,
 )
 
 CLASSES = (
@@ -48,11 +48,8 @@ SIZE = 224
 class Crop(Task):
     def check_layout(self, root: Path) -> str | None:
         for split, rel in SPLITS.items():
-            problem = need_dir(root, rel)
-            if problem:
-                return problem
             folder = root / rel
-            problem = pairs_problem(
+            problem = need_dir(root, rel) or pairs_problem(
                 sorted(folder.glob(f"*{IMAGE}")), sorted(folder.glob(f"*{MASK}")), IMAGE, MASK, folder
             )
             if problem:
@@ -97,13 +94,9 @@ class Crop(Task):
             data = f.read()
         return [(f"RGB t{t + 1}", stretch(data[[6 * t + 2, 6 * t + 1, 6 * t]].transpose(1, 2, 0))) for t in range(3)]
 
-    def chip_name(self, image_path) -> str:
-        return Path(image_path).name.removesuffix(IMAGE)
-
     def write_sample(
         self, root: Path, rng: np.random.Generator, counts: dict[str, int], compressed: bool = True
     ) -> None:
-        import rasterio
         from rasterio.transform import from_origin
 
         # One spectral signature per class and time step (reflectance x 10000), shared by all chips.
@@ -133,12 +126,8 @@ class Crop(Task):
                 profile = gtiff(
                     compressed, width=SIZE, height=SIZE, crs="EPSG:5070", transform=from_origin(x0, y0, 30, 30)
                 )
-                with rasterio.open(
-                    folder / f"{chip}{IMAGE}", "w", count=18, dtype="int16", nodata=-9999, **profile
-                ) as f:
-                    f.write(image)
-                with rasterio.open(folder / f"{chip}{MASK}", "w", count=1, dtype="uint8", **profile) as f:
-                    f.write(mask[None])
+                write_tif(folder / f"{chip}{IMAGE}", image, profile, nodata=-9999)
+                write_tif(folder / f"{chip}{MASK}", mask[None], profile)
                 rows.append({"chip_id": chip, "first_img_date": "2022-03-15", "middle_img_date": "2022-06-20",
                              "last_img_date": "2022-09-25"})  # fmt: skip
             (root / f"{split}_data.txt").write_text("".join(f"{c}\n" for c in ids))
@@ -167,17 +156,15 @@ TASK = Crop(
         "mAcc": "mean of the per-class accuracies (same exclusions as mIoU)",
         "pixel_accuracy": "correct / all labelled pixels (micro)",
     },
-    selection_split=HOLDOUT_SPLIT,
-    test_split=VALIDATION_AS_TEST,
+    **HOLDOUT_TASK,
     dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/multi-temporal-crop-classification",
-    holdout=True,
     class_names=CLASSES,
+    image_suffix=IMAGE,
     selection_metric="val/mIoU",
     image_format=FileFormat("tif", bands=18, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, nodata=-9999),
     label_format=FileFormat(
         "tif", bands=1, dtype="uint8", shape=(SIZE, SIZE), georeferenced=True, values=tuple(range(14))
     ),
-    split_labels={"training": "official training chips", "validation": VALIDATION_AS_TEST},
     sample_counts={"training": 10, "validation": 3},
     sample_stream=0,  # the stream of the published sample numbers
 )

@@ -32,10 +32,9 @@ SIZE = 128
 class Landslide(Task):
     def check_layout(self, root: Path) -> str | None:
         for split in SPLITS:
-            for rel in (f"images/{split}", f"annotations/{split}"):
-                problem = need_dir(root, rel)
-                if problem:
-                    return problem
+            problem = need_dir(root, f"images/{split}", f"annotations/{split}")
+            if problem:
+                return problem
             images = sorted((root / "images" / split).glob("image_*.h5"))
             masks = sorted((root / "annotations" / split).glob("mask_*.h5"))
             if not images:
