@@ -36,7 +36,7 @@ def preflight_run(tmp_path_factory, shared_cache):
             "biomass": {"overrides": quick},
         },
     )
-    return workdir, run_snakemake(workdir, "--cores", "2", configfile=config, timeout=900)
+    return workdir, run_snakemake(workdir, "--cores", "2", configfile=config, timeout=1800)
 
 
 def test_broken_cell_caught_before_fine_tuning(preflight_run):

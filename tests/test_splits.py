@@ -154,10 +154,12 @@ def user_recipes(tmp_path_factory, data, shared_cache):
 def test_leaky_user_recipe_is_refused_before_training(user_recipes):
     refused, err = user_recipes["refused"], user_recipes["refused_err"]
     assert refused.returncode != 0, refused.stderr[-3000:]
-    assert "stage: preflight" in err
+    assert "stage: finetune" in err  # refused at the start of the fine-tune job, before any training
     cause = next(line for line in err.splitlines() if line.startswith("cause: "))
     assert "SplitLeak: tasks.crop: the checkpoint would be selected on 3 of the 3 chips that are reported" in cause
     assert "allow_selection_on_reported_split: true" in cause
+    scratch = user_recipes["work"] / "scratch" / "leak" / "crop" / "tiny" / "seed0"
+    assert not list(scratch.glob("checkpoints/*.ckpt")) and not (scratch / "logs" / "metrics.csv").exists()
     print(f"\nleaky recipe refused after {user_recipes['refused_after']:.0f} s")
 
 
