@@ -50,3 +50,19 @@ def test_configuration_guide_is_generated_from_the_schema():
     assert (REPO / "config" / "README.md").read_text() == config.describe(), (
         "config/README.md is out of date; fix: .venv/bin/python -m geofm.config > config/README.md"
     )
+
+
+def test_every_default_the_readme_states_is_the_schemas():
+    """README phrases of the form `key` (default `value`) say what the schema's default is."""
+    import re
+
+    from geofm import config
+
+    defaults = config.validate_schema({})
+    stated = re.findall(r"`([a-z_][a-z0-9_.]*)` \(default `([^`]+)`", (REPO / "README.md").read_text())
+    assert len(stated) >= 10, stated
+    for key, value in stated:
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        assert node == yaml.safe_load(value), f"README says {key} defaults to {value}; the schema says {node!r}"
