@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geofm import geotiff
 from geofm.tasks import TASKS
 from geofm.tasks.base import FileFormat
 
@@ -82,6 +83,8 @@ def _open_problem(kind: str, data: bytes, error: Exception) -> str:
     m = re.search(r"eof = (\d+).*stored_eof = (\d+)", said)
     if m:
         return f"truncated HDF5 file ({_bytes(int(m[1]))} of {_bytes(int(m[2]))} bytes)"
+    if isinstance(error, geotiff.Truncated):
+        return f"truncated GeoTIFF ({said})"
     if not data:
         return "empty file (0 bytes)"
     return f"does not open as {kind} ({said[:160]})"
@@ -106,6 +109,9 @@ def _read(fmt: FileFormat, data: bytes) -> tuple[np.ndarray, dict]:
         elif fmt.channels_last:
             array = np.moveaxis(array, -1, 0)
         return array, {}
+    fast = geotiff.read(data)  # plain uncompressed GeoTIFFs: no GDAL
+    if fast is not None:
+        return fast
     from rasterio.io import MemoryFile
 
     with MemoryFile(data) as memory, memory.open(driver="GTiff") as f:

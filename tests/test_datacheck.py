@@ -226,3 +226,32 @@ def test_check_runs_once_per_dataset_version(bad_data_run):
     os.utime(label)  # touched: the fingerprint changes, so it is checked again
     plan = run_snakemake(work, "--dry-run", "results/bad/out/datasets/crop.json", configfile=config)
     assert job_counts(plan.stdout).get("validate_data") == 1
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32"])
+@pytest.mark.parametrize("layout", ["tiled-pixel", "tiled-band", "striped-pixel", "striped-band"])
+@pytest.mark.parametrize("crs", ["EPSG:32610", "EPSG:4326"])
+def test_the_fast_geotiff_path_reads_what_gdal_reads(dtype, layout, crs):
+    """Uncompressed GeoTIFFs are checked without GDAL (geofm/geotiff.py): the same pixels and
+    georeferencing as rasterio, whatever the tiling, interleave and edge chunks; a cut file is named."""
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_origin
+
+    from geofm import geotiff
+
+    tiled, interleave = layout.split("-")
+    profile = dict(driver="GTiff", width=130, height=100, count=5, dtype=dtype, crs=crs, interleave=interleave,
+                   transform=from_origin(12.5, 45.0, 0.00027, 0.00027) if crs == "EPSG:4326" else from_origin(5e5, 4e6, 30, 30),
+                   nodata=7, **({"tiled": True, "blockxsize": 64, "blockysize": 64} if tiled == "tiled" else {"blockysize": 7}))  # fmt: skip
+    array = (np.random.default_rng(1).random((5, 100, 130)) * 100).astype(dtype)
+    with MemoryFile() as memory:
+        with memory.open(**profile) as f:
+            f.write(array)
+        data = memory.read()
+    got, geo = geotiff.read(data)
+    with MemoryFile(data) as memory, memory.open() as f:
+        assert np.array_equal(got, f.read())
+        assert geo == {"crs": f.crs.to_string(), "res": tuple(round(r, 9) for r in f.res),
+                       "transform": tuple(round(v, 6) for v in f.transform[:6]), "nodata": f.nodata}  # fmt: skip
+    with pytest.raises(geotiff.Truncated):
+        geotiff.read(data[: len(data) // 2])
