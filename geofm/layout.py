@@ -3,7 +3,6 @@
     results/<experiment>/
       out/<task>/<model>/seed<N>/   config.yaml  config.effective.yaml  metrics.json  finetune.json
                                     evaluate.json  curves.csv
-      out/<task>/<model>/preflight.json
       out/hpo/<task>/<model>/       the search (hpo.enabled): best.json, trials.csv, plots
       out/summary.csv ...           experiment-level tables
       err/<task>_<model>_seed<N>.err
@@ -81,9 +80,6 @@ class ResultsLayout:
     def cell_file(self, name: str, task=TASK, model=MODEL, seed=SEED) -> str:
         """config.yaml, config.effective.yaml, metrics.json, finetune.json, evaluate.json, curves.csv"""
         return f"{self.cell_dir(task, model, seed)}/{name}"
-
-    def preflight(self, task=TASK, model=MODEL) -> str:
-        return f"{self.out}/{task}/{model}/preflight.json"
 
     def err_file(self, task=TASK, model=MODEL, seed=SEED) -> str:
         return f"{self.err}/{self.cell_name(task, model, seed)}.err"

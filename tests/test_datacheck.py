@@ -196,8 +196,8 @@ def test_bad_files_stop_their_task_before_preflight_named_in_one_line(bad_data_r
         assert f"{task}: " in cause and "fix: " in cause
         # the console says it in one line too
         assert any(victim.name in line and check in line for line in result.stderr.splitlines())
-        assert not (exp / "out" / task / "tiny" / "preflight.json").exists(), "no preflight for a bad dataset"
-        assert not list((work / "scratch").rglob(f"{task}/tiny/preflight"))
+        assert not (exp / "out" / task / "tiny" / "seed0" / "config.yaml").exists(), "no cell of a bad dataset starts"
+        assert not (exp / "out" / task / "tiny" / "seed0" / "finetune.json").exists()
     assert (exp / "out" / "biomass" / "tiny" / "seed0" / "metrics.json").is_file(), "other tasks go on"
     print(f"\nbad data reported, biomass finished, in {bad_data_run['wall']:.0f} s")
 
