@@ -213,23 +213,24 @@ def write_killed(
     return True
 
 
-def write_killed_cells(layout, cells, *, since: float) -> list[str]:
-    """write_killed for every heavy job of a run's cells (preflight per task x model, finetune,
-    evaluate), at the paths `layout` (geofm.layout.ResultsLayout) gives; returns the jobs whose
-    err/ files it wrote."""
+def write_killed_cells(layout, cells, *, since: float, search_workers: int = 0) -> list[str]:
+    """write_killed for every heavy job of a run's cells (fine-tune and evaluate, and the search
+    workers of each task x model, whose kill stops all its seeds), at the paths `layout`
+    (geofm.layout.ResultsLayout) gives; returns the jobs whose err/ files it wrote."""
     written = []
     for task, model in dict.fromkeys((c.task, c.model) for c in cells):
         seeds = [c.seed for c in cells if (c.task, c.model) == (task, model)]
-        if write_killed(
-            "preflight",
-            {"task": task, "model": model},
-            done=Path(layout.preflight(task, model)),
-            err_paths=[Path(layout.err_file(task, model, seed)) for seed in seeds],
-            cell=f"{layout.cell(task, model, '*')} (preflight)",
-            log_path=Path(layout.log("preflight", f"{task}_{model}")),
-            since=since,
-        ):
-            written.append(f"{task}/{model} (preflight)")
+        for worker in range(search_workers):
+            if write_killed(
+                "hpo_worker",
+                {"task": task, "model": model, "worker": worker},
+                done=Path(layout.hpo_file(f"worker{worker}.json", task, model)),
+                err_paths=[Path(layout.err_file(task, model, seed)) for seed in seeds],
+                cell=f"{task}/{model} (search worker {worker})",
+                log_path=Path(layout.log("hpo_worker", f"{task}_{model}_{worker}")),
+                since=since,
+            ):
+                written.append(f"{task}/{model} (search worker {worker})")
     for c in cells:
         for rule, done in (("finetune", "finetune.json"), ("evaluate", "metrics.json")):
             if write_killed(

@@ -81,7 +81,8 @@ onerror:
 
     started = evidence.run_started(log)
     # Jobs the scheduler killed (memory or time limit, scancel) could not write their err/ files.
-    killed = evidence.write_killed_cells(L, CELLS, since=started)
+    workers = HPO["workers"] if HPO["enabled"] else 0
+    killed = evidence.write_killed_cells(L, CELLS, since=started, search_workers=workers)
     for cell in killed:
         print(f"{cell}: killed by the scheduler; error file written in {L.err}/", file=sys.stderr)
     for line in evidence.causes(L.err_files(), since=started):  # one line per distinct failure
