@@ -187,7 +187,7 @@ def configure(workdir: Path, cache: Path, tasks: dict, **changes) -> Path:
 
 
 # Which background runs the selected tests need: a run starts only if some test uses it.
-RUNS = ("slurm_run", "lsf_run", "fault_run", "gpu_request_run", "lsf_bad_project_run")
+RUNS = ("slurm_run", "array_run", "lsf_run", "fault_run", "gpu_request_run", "lsf_bad_project_run")
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,16 @@ def background(request, cluster, tmp_path_factory, shared_cache):
         args = [*slurm, "--configfile", str(config), "--set-resources", *SMALL_CPU_JOBS]
         args += ["--seconds-between-status-checks", "3", "--slurm-init-seconds-before-status-checks", "3"]
         runs["slurm_run"] = Run("slurm_run", w, args, SLURM_SITE, timeout=900)
+    if "array_run" in needed:
+        # Two seeds of one task: their fine-tunes become ready together (one data check gates
+        # both), so the plugin must submit them as one array. In the default run above each
+        # task's fine-tune becomes ready alone, when that task's local data check ends.
+        w = tmp_path_factory.mktemp("array_run")
+        config = configure(w, shared_cache, biomass_only, seeds=[0, 1], preflight=False)
+        targets = [f"{cell}/seed{s}/finetune.json" for s in (0, 1)]
+        args = [*targets, *slurm, "--configfile", str(config), "--set-resources", *SMALL_CPU_JOBS]
+        args += ["--seconds-between-status-checks", "3", "--slurm-init-seconds-before-status-checks", "3"]
+        runs["array_run"] = Run("array_run", w, args, SLURM_SITE, timeout=600)
     if "lsf_run" in needed:
         # One task, every heavy step, the LSF profile exactly as written (CPU-only site values).
         w = tmp_path_factory.mktemp("lsf_run")
@@ -275,6 +285,11 @@ def slurm_run(background):
 
 
 @pytest.fixture(scope="module")
+def array_run(background):
+    return finished(background, "array_run")
+
+
+@pytest.fixture(scope="module")
 def lsf_run(background):
     return finished(background, "lsf_run")
 
@@ -319,7 +334,7 @@ def test_scheduler_log_is_found_inside_a_slurm_job(tmp_path, cluster):
     layout.mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = f"{VENV_BIN}/python -c 'from geofm import errors; print(evidence.scheduler_log())'"
+    probe = f"{VENV_BIN}/python -c 'from geofm import evidence; print(evidence.scheduler_log())'"
     ids = []
     for out in (layout / "%j.log", elsewhere / "job-%j.txt"):
         sub = subprocess.run(
@@ -417,22 +432,32 @@ def test_slurm_run_succeeds(slurm_run):
     print(f"SLURM end-to-end run: {slurm_run.wall:.0f} s")
 
 
-def test_every_heavy_job_went_through_sbatch_as_arrays(slurm_run):
-    """Each heavy job ran once as a SLURM job (an array task); the fine-tunes, ready together,
-    went in one sbatch call; every other rule ran locally."""
+def test_every_heavy_job_went_through_sbatch(slurm_run):
+    """Each heavy job ran once as a SLURM job; every other rule ran locally."""
     assert slurm_run.returncode == 0
     jobs = sacct("--name", slurm_run.slurm_run_id())
     tasks = {rule: [j for j in jobs if j["rule"] == rule] for rule in HEAVY}
     assert {rule: len(found) for rule, found in tasks.items()} == {"finetune": 3, "evaluate": 3}
     assert {j["rule"] for j in jobs} == set(HEAVY), "no other rule reached the scheduler"
     assert {j["state"] for j in jobs} == {"COMPLETED"}
-    finetune_calls = {j["submit_line"] for j in tasks["finetune"]}
-    assert len(finetune_calls) == 1 and "--array=1-3" in finetune_calls.pop(), "one sbatch call for three fine-tunes"
     calls = {j["submit_line"] for j in jobs}
     print(f"\nsbatch calls: {len(calls)} for {len(jobs)} heavy jobs")
     for job in jobs:  # the venv's Python runs each job (sbatch exports the environment)
         assert f"{VENV_BIN}/python -m snakemake" in job["submit_line"], job["submit_line"]
         assert "--mem" in job["submit_line"] and "-p debug" in job["submit_line"] and "-A geofm" in job["submit_line"]
+
+
+def test_fine_tunes_ready_together_go_in_one_sbatch_array(array_run):
+    """The profile's slurm-array-jobs: two fine-tunes that became ready together went to SLURM in
+    one sbatch call as a two-task array, each task wrote its own seed's outputs."""
+    assert array_run.returncode == 0, array_run.stderr[-5000:]
+    jobs = sacct("--name", array_run.slurm_run_id())
+    assert [j["rule"] for j in jobs] == ["finetune", "finetune"] and {j["state"] for j in jobs} == {"COMPLETED"}
+    calls = {j["submit_line"] for j in jobs}
+    assert len(calls) == 1 and "--array=1-2" in calls.pop(), "one sbatch call for both fine-tunes"
+    cell = array_run.results() / "out" / "biomass" / "tiny"
+    recorded = {json.loads((cell / f"seed{s}" / "finetune.json").read_text())["scheduler_job_id"] for s in (0, 1)}
+    assert recorded == {j["id"] for j in jobs}, (recorded, jobs)
 
 
 def test_heavy_outputs_were_written_by_those_jobs(slurm_run):

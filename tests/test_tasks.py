@@ -17,7 +17,7 @@ from geofm import sample_data
 from geofm.tasks import REGRESSION, SEGMENTATION, TASKS
 from geofm.tasks.base import Task, write_split_lists
 
-HOOKS = ("check_layout", "files", "labels", "rgb_panels", "write_sample")
+HOOKS = ("check_layout", "files", "labels", "write_sample")  # rgb_panels has a default (drawn below for each)
 HOLDOUT_HOOKS = ("training_ids", "test_ids")
 
 
