@@ -15,11 +15,13 @@ Used from geofm.jobs' loader set-up; nothing here changes TerraTorch's classes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -158,13 +160,15 @@ class WorkerInit:
 def loader_settings(threads: int, cuda: bool, num_workers: int | str = "auto", prefetch_factor: int = 2) -> dict:
     """Recommended DataLoader settings for a job given `threads` CPUs.
 
-    Workers come from the CPUs the job may really use (`usable_cpus`), never more than it was
-    given. GPU: every such CPU but one (the training loop's) loads data. CPU: a training step
-    costs ~10x loading a batch, so on 1-2 cores a worker only takes a core from training."""
+    'auto' workers come from the CPUs the job may really use (`usable_cpus`), never more than
+    it was given. GPU: every such CPU but one (the training loop's), at least 1 (the training
+    loop mostly waits on the GPU) and at most 8 (more only add memory: a staged split feeds a
+    GPU from 1-2 workers, an unstaged crop chip costs ~60 ms of CPU). CPU: a training step
+    costs ~10x loading its batch, so on 1-2 cores a worker only takes a core from training."""
     cpus = max(1, min(threads, usable_cpus()))
     if num_workers == "auto":
         if cuda:
-            num_workers = max(1, cpus - 1) if cpus > 1 else 0
+            num_workers = min(8, max(1, cpus - 1))
         else:
             num_workers = min(4, cpus // 2) if cpus > 2 else 0
     num_workers = int(num_workers)
@@ -515,7 +519,25 @@ def staged(dataset, cache_dir: str | Path | None, hashes: Mapping[str, str] | No
     if cache_dir is None or isinstance(dataset, StagedDataset):
         return dataset
     try:
-        return StagedDataset(dataset, stage(dataset, cache_dir, hashes=hashes, workers=workers))
+        with _rng_kept():
+            return StagedDataset(dataset, stage(dataset, cache_dir, hashes=hashes, workers=workers))
     except StagingUnsupported as e:
         warnings.warn(f"data staging skipped for {type(dataset).__name__}: {e}", stacklevel=2)
         return dataset
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Staging draws from torch's global generator (its decode loader's worker seeds) only when
+    it decodes: restore every generator, so that a run is the same whether the split was staged
+    now, earlier or not at all (sampler order, worker seeds, augmentations, model init)."""
+    state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

@@ -134,6 +134,20 @@ def test_staging_is_keyed_by_content_and_reused(datamodules, tmp_path):
     assert loading.stage_key(other) != first.name
 
 
+def test_staging_leaves_the_random_generators_as_they_were(datamodules, tmp_path):
+    """A re-run finds the split staged and decodes nothing: the run must not depend on that."""
+    import random
+
+    ds = datamodules["biomass"][0].val_dataset
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    loading.staged(ds, tmp_path / "fresh", workers=1)  # decodes in a worker: draws a base seed
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
 def test_unsupported_dataset_is_served_unstaged(tmp_path):
     class Plain(torch.utils.data.Dataset):
         def __len__(self):
@@ -166,11 +180,14 @@ def test_usable_cpus_follow_affinity_and_quota(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
     assert loading.usable_cpus() == 1
     settings = loading.loader_settings(threads=16, cuda=True)
-    assert settings["num_workers"] == 0 and settings["prefetch_factor"] is None  # one usable CPU
+    assert settings["num_workers"] == 1 and settings["cpus"] == 1  # one usable CPU, shared with training
+    assert loading.loader_settings(threads=16, cuda=False)["num_workers"] == 0
+    assert loading.loader_settings(threads=1, cuda=True, num_workers=0)["prefetch_factor"] is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setattr(loading, "_cgroup_cpu_limit", lambda: None)
     settings = loading.loader_settings(threads=8, cuda=True)
     assert settings["num_workers"] == 7 and settings["persistent_workers"] and settings["pin_memory"]
+    assert loading.loader_settings(threads=16, cuda=True)["num_workers"] == 8
     assert loading.loader_settings(threads=2, cuda=False)["num_workers"] == 0
 
 
