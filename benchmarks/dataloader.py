@@ -15,7 +15,9 @@ Modes (each on the same data, interleaved so that load from other processes hits
     taskset -c 0 .venv/bin/python benchmarks/dataloader.py  # a job given fewer CPUs than the machine has
 
 Rates are medians over --repeats; the 2w/1w ratio is the median of ratios paired within each
-repeat. Other processes on the machine lower the rates: the load average is printed beside them.
+repeat. Other processes on the machine lower the rates: the load average is printed beside them,
+and the 'model' column gives the 2w/1w ratio that the measured CPU per sample (workers, main
+process) allows on otherwise idle cores.
 """
 
 from __future__ import annotations
@@ -181,11 +183,26 @@ def _paired(rows: dict, w: int) -> float | None:
     return statistics.median(b["rate"] / a["rate"] for a, b in zip(rows[1], rows[w]))
 
 
+def capacity(rows: list[dict], workers: int, cpus: int) -> float:
+    """Samples/s the measured CPU costs allow on `cpus` otherwise idle cores: each worker at
+    1/(CPU per sample), all processes together within the cores, the main process on its own.
+    A model from the CPU accounting (robust to other load), not a measurement."""
+    worker_ms = statistics.median(r["worker_ms"] for r in rows)
+    main_ms = max(1e-3, statistics.median(r["main_ms"] for r in rows))
+    if workers == 0:
+        return 1000 / main_ms
+    return min(workers * 1000 / worker_ms, cpus * 1000 / (worker_ms + main_ms), 1000 / main_ms)
+
+
 def table(results: dict, tasks: list[str], modes: list[str], workers: list[int]) -> str:
+    from geofm import loading
+
+    cpus = loading.usable_cpus()
     top = max(workers)
     more = top > 2 and 1 in workers  # a many-core host: also the scaling to the most workers
     head = f"{'task':<11}{'mode':<10}" + "".join(f"{f'w={w}':>9}" for w in workers) + f"{'2w/1w':>8}{'floor':>7}"
     head += f"{f'{top}w/1w':>8}" if more else ""
+    head += f"{'model':>7}" if {1, 2} <= set(workers) else ""
     lines = [head + f"   CPU ms/sample at w={top}: workers | main    load"]
     for task in tasks:
         for mode in modes:
@@ -196,6 +213,8 @@ def table(results: dict, tasks: list[str], modes: list[str], workers: list[int])
             ratio = _paired(rows, 2)
             line += f"{ratio:>8.2f}{'met' if ratio >= FLOOR else 'MISSED':>7}" if ratio else f"{'':>15}"
             line += f"{_paired(rows, top):>8.2f}" if more else ""
+            if {1, 2} <= set(workers):
+                line += f"{capacity(rows[2], 2, cpus) / capacity(rows[1], 1, cpus):>7.2f}"
             worker_ms = statistics.median(r["worker_ms"] for r in rows[top])
             main_ms = statistics.median(r["main_ms"] for r in rows[top])
             loads = [r["load"] for w in workers for r in rows[w]]
@@ -206,7 +225,10 @@ def table(results: dict, tasks: list[str], modes: list[str], workers: list[int])
             lines.append(
                 f"{'':<11}training step (tiny model, CPU, 0 workers): {results[(task, 'train')]:.1f} samples/s"
             )
-    lines.append(f"(samples/s, median of the repeats; floor: 2 workers >= {FLOOR}x 1 worker; load: 1-min load average)")
+    lines.append(
+        f"(samples/s, median of the repeats; floor: 2 workers >= {FLOOR}x 1 worker; load: 1-min load average;"
+        f" model: 2w/1w on {cpus} idle cores from the measured CPU per sample, see capacity())"
+    )
     return "\n".join(lines)
 
 
