@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from geofm.manifest import sha256_file, sha256_json
 
 STAGE_FORMAT = 1  # bump when the staged layout or what is staged changes
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS", "GDAL_NUM_THREADS")
@@ -322,17 +323,9 @@ def decode(ds, index: int) -> dict[str, np.ndarray]:
     finally:
         ds.transform = transform
     sample = capture.sample or {}
-    if not all(isinstance(v, np.ndarray) for v in sample.values()):
+    if not sample or not all(isinstance(v, np.ndarray) for v in sample.values()):
         raise StagingUnsupported(f"sample {index} holds more than arrays: {sorted(sample)}")
     return sample
-
-
-def _sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hashes_from_manifest(manifest: Mapping | str | Path, root: str | Path) -> dict[str, str]:
@@ -361,9 +354,9 @@ def stage_key(ds, hashes: Mapping[str, str] | None = None) -> str:
         "terratorch": getattr(terratorch, "__version__", None),
         "numpy": np.__version__,
         "params": _params(ds),
-        "files": [hashes.get(str(Path(p).resolve())) or _sha256_file(p) for p in _files(ds)],
+        "files": [hashes.get(str(Path(p).resolve())) or sha256_file(Path(p)) for p in _files(ds)],
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(key)
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -437,9 +430,11 @@ def _lock(path: Path):
 
 def stage(ds, cache_dir: str | Path, hashes: Mapping[str, str] | None = None, workers: int | None = None) -> Path:
     """Decode a TerraTorch dataset's split once into `cache_dir/<key>/` (one memory-mappable
-    .npy per role plus meta.json); returns that folder. Idempotent and safe for concurrent
-    jobs: the first builds under a lock into a temporary folder and renames it; the others wait
-    and reuse it. The key is the split's content hash (see `stage_key`)."""
+    .npy per sample key plus meta.json), with `workers` processes (default: the usable CPUs);
+    returns that folder. Idempotent and safe for concurrent jobs: the first builds under a lock
+    into a temporary folder and renames it; the others wait and reuse it (on a shared file
+    system without working locks, two hosts may both decode; the first rename wins). The key is
+    the split's content hash (see `stage_key`)."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = stage_key(ds, hashes)
@@ -464,7 +459,12 @@ def stage(ds, cache_dir: str | Path, hashes: Mapping[str, str] | None = None, wo
                 "files": _files(ds),  # where it came from (informative: the key is the content)
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / "meta.json").is_file():  # not another host's finished copy
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -16,6 +16,7 @@ import yaml
 
 from geofm import loading, render, sample_data
 from geofm.config import cell_settings, resolve
+from geofm.manifest import sha256_file
 from geofm.tasks import crop_selection_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,11 +128,31 @@ def test_staging_is_keyed_by_content_and_reused(datamodules, tmp_path):
         f["img"][0, 0, 0] += 1
     assert loading.stage_key(again) != first.name
     # manifest hashes key the same without reading the files again
-    hashes = {str(Path(p).resolve()): loading._sha256_file(str(p)) for p in loading._files(ds)}
+    hashes = {str(Path(p).resolve()): sha256_file(Path(p)) for p in loading._files(ds)}
     assert loading.stage_key(ds, hashes=hashes) == first.name
     # another band selection decodes differently: another key
     other = Landslide4SenseNonGeo(str(data), split="test", bands=["RED", "GREEN"], transform=ds.transform)
     assert loading.stage_key(other) != first.name
+
+
+def _stage_into(ds, cache, queue):
+    queue.put(str(loading.stage(ds, cache, workers=0)))
+
+
+def test_concurrent_jobs_stage_once(datamodules, tmp_path):
+    import multiprocessing
+
+    ds = datamodules["landslide"][0].val_dataset
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    jobs = [ctx.Process(target=_stage_into, args=(ds, tmp_path, queue)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    folders = {queue.get(timeout=60) for _ in jobs}
+    for job in jobs:
+        job.join(60)
+    assert len(folders) == 1 and all(job.exitcode == 0 for job in jobs)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [Path(*folders).name]
 
 
 def test_staging_leaves_the_random_generators_as_they_were(datamodules, tmp_path):
