@@ -17,7 +17,9 @@ Modes (each on the same data, interleaved so that load from other processes hits
 Rates are medians over --repeats; the 2w/1w ratio is the median of ratios paired within each
 repeat. Other processes on the machine lower the rates: the load average is printed beside them,
 and the 'model' column gives the 2w/1w ratio that the measured CPU per sample (workers, main
-process) allows on otherwise idle cores.
+process) allows on otherwise idle cores. 'cores used' is the CPU the loader's processes got per
+second of wall time: with Linux's autogroup scheduling (on here) a session gets its share of
+the CPUs while others are busy, however many workers it starts.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def measure(loader, seconds: float, min_batches: int) -> dict:
         "main_ms": 1e3 * cpu[pids[0]] / samples,
         "worker_ms": 1e3 * sum(cpu[p] for p in pids[1:]) / samples,
         "worker_faults": sum(faults[p] for p in pids[1:]) / samples,
+        "cores": sum(cpu.values()) / wall,  # CPU the loader got: below the workers when others take it
         "load": load,
     }
 
@@ -203,7 +206,7 @@ def table(results: dict, tasks: list[str], modes: list[str], workers: list[int])
     head = f"{'task':<11}{'mode':<10}" + "".join(f"{f'w={w}':>9}" for w in workers) + f"{'2w/1w':>8}{'floor':>7}"
     head += f"{f'{top}w/1w':>8}" if more else ""
     head += f"{'model':>7}" if {1, 2} <= set(workers) else ""
-    lines = [head + f"   CPU ms/sample at w={top}: workers | main    load"]
+    lines = [head + f"   CPU ms/sample at w={top}: workers | main   cores used    load"]
     for task in tasks:
         for mode in modes:
             rows = {w: results[(task, mode, w)] for w in workers}
@@ -218,7 +221,10 @@ def table(results: dict, tasks: list[str], modes: list[str], workers: list[int])
             worker_ms = statistics.median(r["worker_ms"] for r in rows[top])
             main_ms = statistics.median(r["main_ms"] for r in rows[top])
             loads = [r["load"] for w in workers for r in rows[w]]
-            lines.append(line + f"{worker_ms:>18.1f} | {main_ms:<5.2f}    {min(loads):.1f}-{max(loads):.1f}")
+            cores = "|".join(f"{statistics.median(r['cores'] for r in rows[w]):.2f}" for w in workers)
+            lines.append(
+                line + f"{worker_ms:>18.1f} | {main_ms:<5.2f}  {cores:>13}   {min(loads):.1f}-{max(loads):.1f}"
+            )
         if results.get((task, "staging_s")) is not None:
             lines.append(f"{'':<11}staging the training split once: {results[(task, 'staging_s')]:.1f} s")
         if (task, "train") in results:
@@ -265,6 +271,16 @@ def main() -> int:
         f" {args.repeats} repeats of >= {args.seconds} s",
         flush=True,
     )
+    if (
+        Path("/proc/sys/kernel/sched_autogroup_enabled").is_file()
+        and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    ):
+        print(
+            "note: the kernel shares the CPUs between sessions (sched_autogroup): while another session is busy"
+            " this one gets its share however many workers it starts ('cores used' below); measure the scaling"
+            " floor on an otherwise idle machine",
+            flush=True,
+        )
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="geofm-dl-") as tmp:
         for task in args.tasks.split(","):
