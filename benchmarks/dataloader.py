@@ -5,7 +5,7 @@ scaling from 1 to 2 workers (floor: 1.7x on a 2-core machine), the CPU each samp
 workers and in the main process, and full training steps through the same config (--no-training skips them).
 
 Modes (each on the same data, interleaved so that load from other processes hits all alike):
-  baseline  the workflow's loaders before geofm.loading (geofm.jobs as it is)
+  baseline  the workflow's loaders before geofm.loading (as geofm.jobs._tune_loaders built them)
   tuned     + geofm.loading: per-worker thread limits and GDAL environment, loader settings
   staged    + the opt-in staging: each split decoded once into memory-mapped arrays
 
@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,41 +103,43 @@ class Task:
     """One task's datamodule, built once through the workflow's job code, and its loaders."""
 
     def __init__(self, task: str, config: Path, stage_dir: Path, prefetch: int):
-        from geofm.jobs import build_cli
+        from geofm.jobs import build_cli, runtime_settings
 
         self.task, self.prefetch, self.stage_dir = task, prefetch, stage_dir
-        # geofm.jobs' loader factories read this dict when called: updating it changes workers
-        self.rt = self._runtime(0)
-        self.cli = build_cli(config, self.rt)
+        rt = runtime_settings({**TRAINER, "num_workers": 0, "prefetch_factor": prefetch}, threads=1)
+        self.cli = build_cli(config, rt)
         self.cli.datamodule.setup("fit")
         files = getattr(self.cli.datamodule.train_dataset, "image_files", [])
         self.data_dirs = sorted({str(Path(p).parent) for p in files})
         self.staging_s = None
 
-    def _runtime(self, workers: int) -> dict:
-        from geofm.jobs import runtime_settings
-
-        return runtime_settings(
-            {**TRAINER, "num_workers": workers, "prefetch_factor": self.prefetch}, threads=workers + 1
-        )
-
     def loader(self, mode: str, workers: int, samples: int):
-        from geofm import loading
+        """The training loader as the workflow builds it: before geofm.loading (baseline: what
+        geofm.jobs._tune_loaders did until then) or after (tuned, staged: the proposed wiring)."""
+        from geofm import jobs, loading
 
-        self.rt.update(self._runtime(workers))
-        dl = self.cli.datamodule.train_dataloader()  # the workflow's loader (geofm.jobs._tune_loaders)
+        dm = self.cli.datamodule
+        dl = type(dm).train_dataloader(dm)  # TerraTorch's own loader, before the workflow re-creates it
         dl.sampler._num_samples = samples  # one long shuffled epoch
         if mode == "baseline":
-            return dl
+            rt = {
+                "num_workers": workers,
+                "pin_memory": False,
+                "persistent_workers": True,
+                "prefetch_factor": self.prefetch,
+            }
+            return loading.make_loader(dl, rt, worker_init_fn=partial(jobs._seed_worker, chained=dl.worker_init_fn))
         dataset = dl.dataset
         if mode == "staged":
             t0 = time.perf_counter()
             dataset = loading.staged(dl.dataset, self.stage_dir)
             if self.staging_s is None:
                 self.staging_s = time.perf_counter() - t0
-        init = loading.WorkerInit(dl.worker_init_fn, env=loading.worker_env(1, self.data_dirs))
         settings = loading.loader_settings(workers + 1, cuda=False, num_workers=workers, prefetch_factor=self.prefetch)
-        return loading.make_loader(dl, settings, dataset=dataset, worker_init_fn=init)
+        init = loading.WorkerInit(dl.worker_init_fn, env=loading.worker_env(1, self.data_dirs))
+        return loading.make_loader(
+            dl, settings, dataset=dataset, worker_init_fn=partial(jobs._seed_worker, chained=init)
+        )
 
 
 def measure(loader, seconds: float, min_batches: int) -> dict:
