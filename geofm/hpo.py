@@ -414,7 +414,7 @@ def objective(
     monitor, cli, guard, pruned = Monitor(), None, None, False
     try:
         with monitor:
-            cli = training.build_cli(config_path, rt)
+            cli = training.build_cli(config_path, rt, job=job)
             callback = training._selection_callback(cli.trainer)
             if callback is None:
                 raise RuntimeError("the config has no ModelCheckpoint with a monitor: nothing to score a trial on")

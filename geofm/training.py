@@ -20,38 +20,31 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from geofm import splits  # noqa: E402
+from geofm import loading, splits  # noqa: E402
 from geofm.metrics import PinnedMetrics  # noqa: E402
 from geofm.tasks import SEGMENTATION, TASKS  # noqa: E402
 from geofm.usage import Monitor, Throughput  # noqa: E402
 
 
 def runtime_settings(trainer: dict, threads: int) -> dict:
-    """Resolve the experiment's 'auto' trainer settings for the hardware this job runs on."""
+    """Resolve the experiment's 'auto' trainer settings for the hardware this job runs on; the
+    loader's from the CPUs the job may really use (geofm.loading.loader_settings)."""
     cuda = torch.cuda.is_available() and trainer["accelerator"] != "cpu"
     precision = trainer["precision"]
     if precision == "auto":
         precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if cuda else "32-true"
-    workers = trainer["num_workers"]
-    if workers == "auto":
-        # Measured (benchmarks/dataloader.py, gpu_check.py): on CPU the loader alone is ~10x
-        # faster than a training step, so on 1-2 cores a worker would only take a core from
-        # training; a GPU waits for data (8 workers fed an H100 at ~15% utilisation), so use
-        # every CPU the job has but one.
-        if cuda:
-            workers = max(0, threads - 1)
-        else:
-            workers = min(4, threads // 2) if threads > 2 else 0
+    loader = loading.loader_settings(threads, cuda, trainer["num_workers"], trainer["prefetch_factor"])
     pin = cuda if trainer["pin_memory"] == "auto" else trainer["pin_memory"]
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "precision": precision,
-        "num_workers": workers,
+        "cpus": loader["cpus"],
+        "num_workers": loader["num_workers"],
         "pin_memory": bool(pin),
-        "persistent_workers": bool(trainer["persistent_workers"] and workers > 0),
-        "prefetch_factor": trainer["prefetch_factor"] if workers > 0 else None,
+        "persistent_workers": bool(trainer["persistent_workers"] and loader["num_workers"] > 0),
+        "prefetch_factor": loader["prefetch_factor"],
         "tf32": bool(trainer["tf32"] and cuda),
-        "torch_threads": max(1, threads - workers),  # loader workers get the other cores
+        "torch_threads": loader["torch_threads"],  # loader workers get the other cores
     }
 
 
@@ -90,9 +83,9 @@ class NamedReads(torch.utils.data.Dataset):
     e.g. 'truncated file: eof = 5000'). validate_data checked every file before the run, so
     this catches a file that changed under the run or a failure its checks cannot see."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, files: list | None = None) -> None:
         self.dataset = dataset
-        self.files = splits.dataset_files(dataset)
+        self.files = splits.dataset_files(dataset) if files is None else files
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -109,43 +102,44 @@ class NamedReads(torch.utils.data.Dataset):
             ) from e
 
 
-def _tune_loaders(datamodule, rt: dict) -> None:
+def _tune_loaders(datamodule, rt: dict, job: dict | None = None) -> None:
     """Re-create each stage's loader with the same dataset, sampler and collate, adding what not
-    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor),
-    seeded augmentations, so that a cell re-run gives the same model, and read errors that name
-    the file."""
+    every TerraTorch datamodule exposes (pin_memory, persistent_workers, prefetch_factor), one
+    thread per worker and no GDAL folder listing (geofm.loading), seeded augmentations, so that
+    a cell re-run gives the same model, and read errors that name the file. With
+    `job["stage_dir"]` (trainer.stage_data) the training and validation splits are served from
+    staged arrays (bit-identical samples)."""
     from functools import partial
 
-    from torch.utils.data import DataLoader
+    job = job or {}
+    stage_dir, manifest = job.get("stage_dir"), job.get("data_manifest")
+    hashes = {}
+    if stage_dir and manifest and Path(manifest).is_file():  # validate_data hashed every file already
+        hashes = loading.hashes_from_manifest(manifest, job["data_root"])
 
-    def wrap(factory):
+    def wrap(factory, stage):
         def make(*args, **kwargs):
             dl = factory(*args, **kwargs)
-            workers = rt["num_workers"]
-            if workers == 0:
-                _seed_augmentations(dl.dataset, int(torch.randint(2**31, ()).item()))
-            return DataLoader(
-                NamedReads(dl.dataset),
-                batch_size=dl.batch_size,
-                sampler=dl.sampler,
-                num_workers=workers,
-                collate_fn=dl.collate_fn,
-                drop_last=dl.drop_last,
-                pin_memory=rt["pin_memory"],
-                persistent_workers=rt["persistent_workers"],
-                prefetch_factor=rt["prefetch_factor"],
-                worker_init_fn=partial(_seed_worker, chained=dl.worker_init_fn) if workers else None,
-                generator=dl.generator,
+            dataset = dl.dataset
+            if stage_dir and stage in ("train", "val"):
+                dataset = loading.staged(dataset, stage_dir, hashes=hashes)
+            files = splits.dataset_files(dl.dataset)
+            init = loading.WorkerInit(
+                partial(_seed_worker, chained=dl.worker_init_fn),
+                env=loading.worker_env(1, sorted({str(Path(f).parent) for f in files or []})),
             )
+            if rt["num_workers"] == 0:
+                _seed_augmentations(dl.dataset, int(torch.randint(2**31, ()).item()))
+            return loading.make_loader(dl, rt, dataset=NamedReads(dataset, files), worker_init_fn=init)
 
         return make
 
     for stage in ("train", "val", "test", "predict"):
         name = f"{stage}_dataloader"
-        setattr(datamodule, name, wrap(getattr(datamodule, name)))
+        setattr(datamodule, name, wrap(getattr(datamodule, name), stage))
 
 
-def build_cli(config: Path, rt: dict, extra: list[str] = ()):
+def build_cli(config: Path, rt: dict, extra: list[str] = (), job: dict | None = None):
     from terratorch.cli_tools import build_lightning_cli
 
     torch.set_num_threads(max(1, rt["torch_threads"]))
@@ -158,7 +152,7 @@ def build_cli(config: Path, rt: dict, extra: list[str] = ()):
         *extra,
     ]  # fmt: skip
     cli = build_lightning_cli(args=args, run=False)
-    _tune_loaders(cli.datamodule, rt)
+    _tune_loaders(cli.datamodule, rt, job)
     return cli
 
 
@@ -227,7 +221,7 @@ def finetune(config: Path, run_dir: Path, job: dict, threads: int, out: dict) ->
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     rt = runtime_settings(job["trainer"], threads)
     with Monitor() as monitor:
-        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.usage.Throughput"])
+        cli = build_cli(config, rt, ["--trainer.callbacks+=geofm.usage.Throughput"], job)
         facts = _measured_splits(cli, config, job)
         checked = _dev_run(cli, job, rt, run_dir) if job.get("preflight") else None
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -74,6 +74,8 @@ def job(wildcards):
         "splits_dir": L.splits_dir(wildcards.task) if TASKS[wildcards.task].holdout else None,
         "allow_selection_on_reported_split": task["allow_selection_on_reported_split"],
         "preflight": EXP["preflight"],
+        "stage_dir": f"{EXP['cache_dir']}/staged" if EXP["trainer"]["stage_data"] else None,
+        "data_manifest": L.dataset_manifest(wildcards.task),
     }
 
 

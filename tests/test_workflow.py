@@ -157,9 +157,10 @@ def test_rerun_does_nothing(default_run, shared_cache):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_rerun_trains_on_the_same_augmented_batches(results, workers):
+def test_a_rerun_trains_on_the_same_augmented_batches_staged_or_not(results, workers, tmp_path):
     """Albumentations (TerraTorch's augmentations) draws from its own generators, which
-    seed_everything does not reach: unseeded, the crop flips differ between runs of a cell."""
+    seed_everything does not reach: unseeded, the crop flips differ between runs of a cell.
+    With trainer.stage_data the split is decoded once into arrays: the same batches again."""
     import torch
 
     from geofm.training import build_cli, runtime_settings
@@ -168,15 +169,18 @@ def test_a_rerun_trains_on_the_same_augmented_batches(results, workers):
     trainer = {"accelerator": "cpu", "precision": "32-true", "num_workers": workers, "pin_memory": False,
                "persistent_workers": True, "prefetch_factor": 2, "tf32": False}  # fmt: skip
 
-    def three_epochs_of_batches():
-        cli = build_cli(config, runtime_settings(trainer, threads=1 + workers))
+    def three_epochs_of_batches(job=None):
+        cli = build_cli(config, runtime_settings(trainer, threads=1 + workers), job=job)
         cli.datamodule.setup("fit")
         loader = cli.datamodule.train_dataloader()
         return [batch["image"].clone() for _ in range(3) for batch in loader]
 
     first, second = three_epochs_of_batches(), three_epochs_of_batches()
-    assert len(first) == len(second) >= 3
+    staged = three_epochs_of_batches({"stage_dir": str(tmp_path / "staged"), "data_manifest": None})
+    assert len(first) == len(second) == len(staged) >= 3
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, staged))
+    assert [p.name for p in (tmp_path / "staged").iterdir() if (p / "meta.json").is_file()]  # it was staged
 
 
 def test_the_preflight_check_leaves_training_unchanged(results):
