@@ -516,7 +516,7 @@ def run_worker(
 ) -> dict:
     """Run trials until the study holds `n_trials` finished (complete or pruned) trials.
 
-    config: the cell's rendered TerraTorch config (render_config's output); job: the dict the
+    config: the cell's rendered TerraTorch config (as the finetune rule renders it); job: the dict the
     training functions take; trials_dir: each trial runs in trials_dir/trial<NNNN>. When the
     running trials of other workers would fill the budget, this worker waits for them, polling
     every `poll_s` seconds (default: the heartbeat interval) and failing stale ones, so that a

@@ -189,3 +189,21 @@ def write(config: dict, path: Path, header: str) -> None:
     text = "\n".join(f"# {line}" for line in header.splitlines()) + "\n"
     text += yaml.safe_dump(config, sort_keys=False)
     path.write_text(text)
+
+
+def write_cell_config(settings: dict, recipe: Path, run_dir: Path, out: Path, best: Path | None = None) -> None:
+    """A cell's (or a search's base) resolved TerraTorch config, written to `out` with its
+    provenance header; the search's best parameters (`best`) win over the configured overrides."""
+    if best:
+        settings = with_best(settings, Path(best))
+    paths = {
+        "data_root": str(Path(settings["data_root"]).resolve()),
+        "run_dir": str(Path(run_dir).resolve()),
+        "splits_dir": str(Path(settings["splits_dir"]).resolve()),
+        "ckpt_path": settings["weights"] or settings["weights_file"],
+    }
+    if paths["ckpt_path"]:
+        paths["ckpt_path"] = str(Path(paths["ckpt_path"]).resolve())
+    notes: list[str] = []
+    config = render(Path(recipe).read_text(), settings, paths, notes)
+    write(config, Path(out), header(settings, str(recipe), notes))

@@ -18,7 +18,7 @@ rule render_search_config:
         settings=search_settings,
         run_dir=f"{L.hpo_scratch()}/base",
     script:
-        "../scripts/render_config.py"
+        "../scripts/render_search_config.py"
 
 
 rule hpo_worker:

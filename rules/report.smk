@@ -10,7 +10,6 @@ localrules:
     render_search_config,
     hpo_best,
     fetch_weights,
-    render_config,
     plot_predictions,
     summarize,
 

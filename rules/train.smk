@@ -1,32 +1,18 @@
-# Per cell: render the TerraTorch config, fine-tune (after its splits and one batch of every stage
-# are checked).
-
-
-rule render_config:
-    """The cell's resolved TerraTorch config; it changes only when this cell's settings do."""
-    input:
-        unpack(render_inputs),
-    output:
-        L.cell_file("config.yaml"),
-    log:
-        L.log("render_config", L.cell_name()),
-    priority: PRIORITY_UNBLOCKS
-    conda:
-        "../envs/geofm.yaml"
-    params:
-        settings=settings,
-        run_dir=L.cell_scratch(),
-    script:
-        "../scripts/render_config.py"
+# Per cell, one job: render the TerraTorch config, check its splits and one batch of every stage,
+# fine-tune. Rendering in the job (not in a local job of its own) makes every fine-tune of a
+# task ready together, when the task's data check ends: the SLURM profile submits them as one
+# array (a local render job per cell released them one at a time).
 
 
 rule finetune:
-    """Fine-tune with TerraTorch after checking the splits (a leak is refused) and one batch of
-    every stage (preflight: a broken cell fails in minutes); the checkpoint is picked on the
-    selection split."""
+    """Render the cell's resolved TerraTorch config (it changes only when this cell's settings
+    do), then fine-tune with TerraTorch after checking the splits (a leak is refused) and one
+    batch of every stage (preflight: a broken cell fails in minutes); the checkpoint is picked on
+    the selection split."""
     input:
-        config=L.cell_file("config.yaml"),
+        unpack(render_inputs),
     output:
+        config=L.cell_file("config.yaml"),
         checkpoint=L.checkpoint(),
         curves=L.cell_file("curves.csv"),
         resources=L.cell_file("finetune.json"),
@@ -45,6 +31,7 @@ rule finetune:
         runtime=lambda w, attempt: 240 * attempt,
         gpu=1,
     params:
+        settings=settings,
         job=job,
         run_dir=L.cell_scratch(),
         err=L.err_file(),

@@ -76,7 +76,7 @@ CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers"
 
 
 def render_for_sample(task, recipe_text: str, data: Path, work: Path, cache: Path, **task_settings) -> Path:
-    """A recipe rendered for one task's data as the render_config rule does (CPU, 1 epoch,
+    """A recipe rendered for one task's data as the finetune rule does (CPU, 1 epoch,
     batch 2), with the task's hold-out lists written; returns the config file."""
     from geofm import config as experiment_config
     from geofm import render

@@ -443,7 +443,7 @@ def test_every_heavy_job_went_through_sbatch(slurm_run):
     calls = {j["submit_line"] for j in jobs}
     print(f"\nsbatch calls: {len(calls)} for {len(jobs)} heavy jobs")
     for job in jobs:  # the venv's Python runs each job (sbatch exports the environment)
-        assert f"{VENV_BIN}/python -m snakemake" in job["submit_line"], job["submit_line"]
+        assert f"{VENV_BIN.parent.resolve()}/bin/python -m snakemake" in job["submit_line"], job["submit_line"]
         assert "--mem" in job["submit_line"] and "-p debug" in job["submit_line"] and "-A geofm" in job["submit_line"]
 
 
@@ -458,6 +458,21 @@ def test_fine_tunes_ready_together_go_in_one_sbatch_array(array_run):
     cell = array_run.results() / "out" / "biomass" / "tiny"
     recorded = {json.loads((cell / f"seed{s}" / "finetune.json").read_text())["scheduler_job_id"] for s in (0, 1)}
     assert recorded == {j["id"] for j in jobs}, (recorded, jobs)
+
+
+def test_an_array_task_trains_the_same_model_as_a_single_job(slurm_run, array_run):
+    """biomass seed 0 ran as a plain sbatch job in the default run and as an array task here
+    (same rendered settings and data): the same epochs, losses and selected score."""
+    assert slurm_run.returncode == 0 and array_run.returncode == 0
+    single = [
+        j for j in sacct("--name", slurm_run.slurm_run_id()) if j["rule"] == "finetune" and "biomass" in j["wildcards"]
+    ]
+    assert len(single) == 1 and "--array" not in single[0]["submit_line"]
+    cells = [run.results() / "out" / "biomass" / "tiny" / "seed0" for run in (slurm_run, array_run)]
+    curves = [(cell / "curves.csv").read_text() for cell in cells]
+    assert curves[0] == curves[1] and len(curves[0].splitlines()) >= 2
+    scores = [json.loads((cell / "finetune.json").read_text())["selection"]["best_score"] for cell in cells]
+    assert scores[0] == scores[1] is not None
 
 
 def test_heavy_outputs_were_written_by_those_jobs(slurm_run):

@@ -127,7 +127,7 @@ def test_the_reported_split_loaders_refuse_and_are_recorded():
 # ---------------------------------------------------------------------------------- tiny studies
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory, shared_cache):
-    """The rendered config of one landslide cell on a small sample (as render_config writes it)."""
+    """The rendered config of one landslide cell on a small sample (as the finetune rule writes it)."""
     work = tmp_path_factory.mktemp("hpo_cell")
     data = work / "data"
     sample_data.write(TASK, data, seed=0, counts=COUNTS)

@@ -19,13 +19,12 @@ def test_grid_2_models_2_seeds_3_tasks(tmp_path, shared_cache):
         "sample_data": 3,
         "selection_split": 1,
         "validate_data": 3,  # with the trivial baseline
-        "render_config": cells,
-        "finetune": cells,  # each starts with the one-batch check of every stage (preflight)
+        "finetune": cells,  # each renders its config and starts with the one-batch check of every stage
         "evaluate": cells,
         "plot_predictions": cells,
         "summarize": 1,
         "all": 1,
-        "total": 3 + 1 + 3 + 4 * cells + 2,
+        "total": 3 + 1 + 3 + 3 * cells + 2,
     }
 
 
@@ -34,7 +33,7 @@ def test_one_cell_plans_few_jobs(tmp_path, shared_cache):
     config = write_config(tmp_path / "c.yaml", tasks=tasks, cache_dir=str(shared_cache))
     result = run_snakemake(tmp_path, "--dry-run", configfile=config)
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout)["total"] == 8  # was 16 before preflight, baseline and the tables merged
+    assert job_counts(result.stdout)["total"] == 7  # was 16 before preflight, baseline, render and the tables merged
 
 
 def test_disabled_task_and_no_preflight(tmp_path, shared_cache):

@@ -116,7 +116,7 @@ def test_probability_of_improvement_matches_hand_counts():
 
 
 def _rendered(task: str, **changes) -> dict:
-    """A task's bundled recipe with its placeholders filled as render_config would."""
+    """A task's bundled recipe with its placeholders filled as the finetune rule would."""
     recipe = yaml.safe_load(TASKS[task].recipe.read_text())
     variables = {"backbone": "prithvi_eo_v2_300", "pretrained": True, "ckpt_path": None,
                  "neck_indices": [5, 11, 17, 23], "seed": 0, "data_root": "d", "run_dir": "r", "splits_dir": "s"}  # fmt: skip

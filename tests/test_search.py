@@ -37,14 +37,14 @@ def test_plan_shows_workers_best_and_seed_cells_after_it(tmp_path, shared_cache)
     plan = run_snakemake(tmp_path, "--dry-run", configfile=config)
     assert plan.returncode == 0, plan.stderr[-3000:]
     counts = job_counts(plan.stdout)
-    assert (counts["hpo_worker"], counts["hpo_best"], counts["render_search_config"], counts["render_config"]) == (
+    assert (counts["hpo_worker"], counts["hpo_best"], counts["render_search_config"], counts["finetune"]) == (
         2,
         1,
         1,
         2,
     )
-    renders = [b for b in re.split(r"\n(?=(?:local)?rule )", plan.stdout) if b.startswith(("rule render_config", "localrule render_config"))]  # fmt: skip
-    assert len(renders) == 2 and all("out/hpo/landslide/tiny/best.json" in b for b in renders)
+    seeds = [b for b in re.split(r"\n(?=(?:local)?rule )", plan.stdout) if b.startswith("rule finetune")]
+    assert len(seeds) == 2 and all("out/hpo/landslide/tiny/best.json" in b for b in seeds)  # rendered with the best
 
 
 @pytest.fixture(scope="module")

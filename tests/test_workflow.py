@@ -138,7 +138,7 @@ def test_summary_rows_complete(results):
 
 def test_every_rule_logged_and_heavy_rules_benchmarked(results):
     logs = results / "logs"
-    rules = ("sample_data", "selection_split", "validate_data", "render_config", "finetune", "evaluate")
+    rules = ("sample_data", "selection_split", "validate_data", "finetune", "evaluate")
     rules += ("plot_predictions", "summarize")
     for rule in rules:
         assert any((logs / rule).iterdir()), rule
