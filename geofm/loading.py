@@ -164,7 +164,7 @@ def loader_settings(threads: int, cuda: bool, num_workers: int | str = "auto", p
     'auto' workers come from the CPUs the job may really use (`usable_cpus`), never more than
     it was given. GPU: every such CPU but one (the training loop's), at least 1 (the training
     loop mostly waits on the GPU) and at most 8 (more only add memory: a staged split feeds a
-    GPU from 1-2 workers, an unstaged crop chip costs ~60 ms of CPU). CPU: a training step
+    GPU from 1-2 workers, an unstaged 18-band chip costs ~60 ms of CPU). CPU: a training step
     costs ~10x loading its batch, so on 1-2 cores a worker only takes a core from training."""
     cpus = max(1, min(threads, usable_cpus()))
     if num_workers == "auto":

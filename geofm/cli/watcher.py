@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         dvc_keys = {k: env.get(k, "") for k in dvc_keys}
     policy = Policy(jwks_url=a.jwks_url or a.issuer.rstrip("/") + "/oauth/discovery/keys", issuer=a.issuer,
                     audience=a.audience, projects=tuple(a.project), require_protected=a.require_protected)  # fmt: skip
-    runner = Runner(a.snakemake, a.cores, _installed(a.profile), _installed(a.workflow_profile), a.snakemake_args,
-                    tuple(a.pass_env), a.stop_timeout, a.run_as)  # fmt: skip
+    runner = Runner(a.snakemake, extra_args=a.snakemake_args, cores=a.cores, profile=_installed(a.profile),
+                    workflow_profile=_installed(a.workflow_profile), pass_env=tuple(a.pass_env),
+                    stop_timeout=a.stop_timeout, run_as=a.run_as)  # fmt: skip
     settings = Settings(
         repo=a.repo.resolve(),
         home=(a.home or Path.home() / ".cache" / "geofm-watcher" / a.name).resolve(),

@@ -32,15 +32,28 @@ HOLDOUT_TASK = {
 }
 
 
-def positive_class_definitions(prefix: str, what: str, index: int = 1) -> dict[str, str]:
-    """The pinned metrics of a binary segmentation task reported on its positive class."""
+def binary_segmentation(name: str, class_names: tuple[str, str], index: int = 1) -> dict:
+    """The fields of a binary segmentation task scored on its positive class `name` (class
+    `index`): its IoU is the headline, beside its F1 and the mean IoU; the checkpoint is picked
+    on the validation mIoU."""
+    what = name.replace("_", " ")
     return {
-        f"{prefix}_IoU": f"headline; IoU of the {what} class only (class {index}); ignored pixels (label -1) excluded",
-        f"{prefix}_F1": f"F1 of the {what} class only = 2TP/(2TP+FP+FN) (not pixel accuracy)",
-        f"{prefix}_precision": f"TP/(TP+FP) of the {what} class",
-        f"{prefix}_recall": f"TP/(TP+FN) of the {what} class",
-        "mIoU": "mean IoU over both classes",
-        "pixel_accuracy": "correct / all labelled pixels (micro)",
+        "kind": SEGMENTATION,
+        "headline": f"{name}_IoU",
+        "higher_is_better": True,
+        "key_metrics": (f"{name}_IoU", f"{name}_F1", "mIoU"),
+        "definitions": {
+            f"{name}_IoU": f"headline; IoU of the {what} class only (class {index}); ignored pixels (label -1) excluded",
+            f"{name}_F1": f"F1 of the {what} class only = 2TP/(2TP+FP+FN) (not pixel accuracy)",
+            f"{name}_precision": f"TP/(TP+FP) of the {what} class",
+            f"{name}_recall": f"TP/(TP+FN) of the {what} class",
+            "mIoU": "mean IoU over both classes",
+            "pixel_accuracy": "correct / all labelled pixels (micro)",
+        },
+        "class_names": class_names,
+        "positive_class": index,
+        "positive_name": name,
+        "selection_metric": "val/mIoU",
     }
 
 

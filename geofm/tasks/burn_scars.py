@@ -19,13 +19,12 @@ import numpy as np
 
 from geofm.tasks.base import (
     HOLDOUT_TASK,
-    SEGMENTATION,
     FileFormat,
     SplitFiles,
     Task,
+    binary_segmentation,
     gtiff,
     need_dir,
-    positive_class_definitions,
     read_tif_label,
     smooth_field,
     write_tif,
@@ -123,19 +122,11 @@ class BurnScars(Task):
 TASK = BurnScars(
     name="burn_scars",
     title="Burn scar segmentation (HLS Burn Scars, 6 bands)",
-    kind=SEGMENTATION,
-    headline="burned_IoU",
-    higher_is_better=True,
-    key_metrics=("burned_IoU", "burned_F1", "mIoU"),
-    definitions=positive_class_definitions("burned", "burned"),
+    **binary_segmentation("burned", ("Not burned", "Burned")),
     **HOLDOUT_TASK,
     dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/hls_burn_scars",
-    class_names=("Not burned", "Burned"),
-    positive_class=1,
-    positive_name="burned",
     image_suffix=IMAGE,
     rgb_bands=(3, 2, 1),  # red, green, blue
-    selection_metric="val/mIoU",
     image_format=FileFormat("tif", bands=6, dtype="float32", shape=(SIZE, SIZE), georeferenced=True, same_crs=False),
     label_format=FileFormat("tif", bands=1, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, values=(-1, 0, 1)),
     default_enabled=False,  # the default experiment keeps its three tasks and its run time

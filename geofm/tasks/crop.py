@@ -144,6 +144,8 @@ def _chip_ids(folder: Path) -> list[str]:
 TASK = Crop(
     name="crop",
     title="Multi-temporal crop classification (HLS, 13 classes)",
+    dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/multi-temporal-crop-classification",
+    class_names=CLASSES,
     kind=SEGMENTATION,
     headline="mIoU",
     higher_is_better=True,
@@ -157,8 +159,6 @@ TASK = Crop(
         "pixel_accuracy": "correct / all labelled pixels (micro)",
     },
     **HOLDOUT_TASK,
-    dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/multi-temporal-crop-classification",
-    class_names=CLASSES,
     image_suffix=IMAGE,
     selection_metric="val/mIoU",
     image_format=FileFormat("tif", bands=18, dtype="int16", shape=(SIZE, SIZE), georeferenced=True, nodata=-9999),

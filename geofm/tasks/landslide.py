@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from geofm.tasks.base import (
-    SEGMENTATION,
     FileFormat,
     SplitFiles,
     Task,
+    binary_segmentation,
     h5_options,
     need_dir,
-    positive_class_definitions,
     smooth_field,
     stretch,
 )
@@ -98,18 +97,10 @@ class Landslide(Task):
 TASK = Landslide(
     name="landslide",
     title="Landslide detection (Landslide4Sense, 14 bands)",
-    kind=SEGMENTATION,
-    headline="landslide_IoU",
-    higher_is_better=True,
-    key_metrics=("landslide_IoU", "landslide_F1", "mIoU"),
-    definitions=positive_class_definitions("landslide", "landslide"),
+    **binary_segmentation("landslide", ("No landslide", "Landslide")),
     selection_split="official validation split",
     test_split="official test split",
     dataset="https://huggingface.co/datasets/ibm-nasa-geospatial/Landslide4sense",
-    class_names=("No landslide", "Landslide"),
-    positive_class=1,
-    positive_name="landslide",
-    selection_metric="val/mIoU",
     image_format=FileFormat("h5", bands=14, dtype="float", shape=(SIZE, SIZE), key="img", channels_last=True),
     label_format=FileFormat("h5", bands=1, dtype="uint8", shape=(SIZE, SIZE), key="mask", values=(0, 1)),
     sample_counts={"train": 12, "validation": 4, "test": 4},

@@ -80,10 +80,10 @@ class Result:
 @dataclass
 class Runner:
     snakemake: str
+    extra_args: list[str] = field(default_factory=list)  # the operator's, after the submission's
     cores: str = "all"
     profile: Path | None = None
     workflow_profile: Path | None = None
-    extra_args: list[str] = field(default_factory=list)
     pass_env: tuple[str, ...] = ()
     stop_timeout: float = 120.0
     run_as: str | None = None
