@@ -312,17 +312,37 @@ class PreflightFailed(RuntimeError):
     """A stage failed on its first batch: the cell is broken, found before any training."""
 
 
+def _optimizers_and_schedulers(conf) -> list:
+    """The optimizers and LR schedulers in whatever configure_optimizers returned (an optimizer,
+    lists, tuples, Lightning's dicts)."""
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    if isinstance(conf, torch.optim.Optimizer | LRScheduler | ReduceLROnPlateau):
+        return [conf]
+    if isinstance(conf, dict):
+        return [x for v in conf.values() for x in _optimizers_and_schedulers(v)]
+    if isinstance(conf, list | tuple):
+        return [x for v in conf for x in _optimizers_and_schedulers(v)]
+    return []
+
+
 def _dev_run(cli, job: dict, rt: dict, run_dir: Path) -> dict:
     """One batch each of training, validation, test and prediction with a throw-away trainer
     (Lightning's fast_dev_run), so that a broken cell fails in minutes. The model's weights, its
-    modules' train/eval modes and the random state are put back afterwards: a cell trains the
-    same with or without it (tests/test_workflow.py checks this)."""
+    modules' train/eval modes, the optimizer's and scheduler's state and the random state are put
+    back afterwards: a cell trains the same with or without it (tests/test_workflow.py checks
+    this; so does a SLURM array task against a plain job in tests/test_cluster.py)."""
+    import copy
     import random
 
     import lightning.pytorch as pl
 
     model, dm = cli.model, cli.datamodule
     weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # LightningCLI builds the config's optimizer and scheduler once and hands the same objects to
+    # every fit: the check's one step would leave its moments and step count in them.
+    stateful = _optimizers_and_schedulers(model.configure_optimizers())
+    states = [copy.deepcopy(o.state_dict()) for o in stateful]
     # Lightning keeps each submodule's train/eval mode through fit: the prediction pass below
     # leaves them in eval mode (no dropout, frozen batch-norm statistics) unless they are put back.
     modes = {module: module.training for module in model.modules()}
@@ -347,6 +367,8 @@ def _dev_run(cli, job: dict, rt: dict, run_dir: Path) -> dict:
         raise PreflightFailed(f"{stage} stage, first batch: {type(e).__name__}: {said}") from e
     finally:
         model.load_state_dict(weights)
+        for obj, state in zip(stateful, states):
+            obj.load_state_dict(state)
         for module, training in modes.items():
             module.train(training)
         random.setstate(rng[0])
