@@ -219,4 +219,4 @@ def test_the_preflight_check_leaves_training_unchanged(results, task):
         first_epoch(False, results.parent / f"{task}0"),
         first_epoch(True, results.parent / f"{task}1"),
     )
-    assert len(without) >= 3 and with_check == without  # at least two optimizer steps before the last loss
+    assert len(without) >= 2 and with_check == without  # a loss after an optimizer step (crop: 1 batch per epoch)
