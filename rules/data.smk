@@ -49,7 +49,9 @@ rule validate_data:
     priority: PRIORITY_UNBLOCKS
     conda:
         "../envs/geofm.yaml"
-    threads: 2
+    # One core: with two, on a 2-core machine no check could run beside a fine-tune, and the
+    # other tasks' checks waited for it (benchmarks/overhead.py: 1.84x -> see the README).
+    threads: 1
     params:
         data_root=lambda w: EXP["tasks"][w.task]["data_root"],
         fingerprint=dataset_fingerprint,
